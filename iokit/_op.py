@@ -1,0 +1,267 @@
+"""One description of an I/O request, shared by every backend.
+
+An ``Op`` says *what* to do (its kind, fd, buffer, offset, flags); each backend decides *how*: an inline syscall
+(``blocking``), a job for a worker thread (``threads``), a readiness wait and a retry (``epoll``) or an SQE (``uring``).
+Whatever the mechanism, the outcome is reported the same way, as in an io_uring completion: ``op.result`` is a byte count
+(or an fd, or a poll mask) when it worked and ``-errno`` when it did not. ``op.value()`` turns that into a return value or
+the matching ``OSError``.
+
+Life of an op::
+
+    NEW --submit--> IN_FLIGHT --(kernel/worker/retry finishes, or cancel settles)--> DONE
+
+While an op is in flight, the backend's in-flight table owns it and so keeps its buffer alive: the kernel (or a worker
+thread) may write into that buffer until the final completion, even after a cancel was asked for. An op is used once.
+
+The constructors below validate their arguments, so that bad input fails at once with a ``TypeError`` or ``ValueError``
+naming the argument, rather than as a strange errno later.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import select
+import socket
+from typing import Any, Sequence
+
+from ._errors import check_result
+
+
+class OpKind(enum.IntEnum):
+    """What an op does. The values are shared with the C extension (``csrc/iokit_uring.h``)."""
+
+    NOP = 0
+    READ = 1        # pread(fd, buffer, offset); offset -1 means "at the file position"
+    WRITE = 2       # pwrite(fd, buffer, offset)
+    READV = 3       # preadv(fd, buffers, offset)
+    WRITEV = 4      # pwritev(fd, buffers, offset)
+    FSYNC = 5
+    FDATASYNC = 6
+    OPEN = 7        # openat(AT_FDCWD, path, flags, mode) -> fd
+    CLOSE = 8
+    ACCEPT = 9      # -> fd of the new connection (non-blocking, close-on-exec)
+    CONNECT = 10    # -> 0
+    RECV = 11       # recv(fd, buffer, flags) -> bytes received, 0 at end of stream
+    SEND = 12       # send(fd, buffer, flags | MSG_NOSIGNAL) -> bytes sent
+    SHUTDOWN = 13
+    TIMEOUT = 14    # completes with 0 after ``timeout`` seconds
+    POLL = 15       # waits until fd is ready for ``flags`` (POLLIN/POLLOUT); -> ready mask
+
+
+class OpState(enum.IntEnum):
+    NEW = 0
+    IN_FLIGHT = 1
+    DONE = 2
+
+
+# Kinds whose result is a new fd: if such an op completes after its cancel was asked for, nobody will take the fd, so
+# the backend closes it (see ``Backend._finish``).
+FD_RESULT_KINDS = frozenset({OpKind.ACCEPT, OpKind.OPEN})
+# Kinds that may wait on a socket's readiness (the others are file or bookkeeping ops).
+SOCKET_KINDS = frozenset({OpKind.ACCEPT, OpKind.CONNECT, OpKind.RECV, OpKind.SEND, OpKind.POLL})
+FILE_KINDS = frozenset({OpKind.READ, OpKind.WRITE, OpKind.READV, OpKind.WRITEV, OpKind.FSYNC, OpKind.FDATASYNC,
+                        OpKind.OPEN})
+_READING_KINDS = frozenset({OpKind.READ, OpKind.READV, OpKind.RECV, OpKind.ACCEPT})
+
+
+class Op:
+    """One I/O request. Build it with the functions of this module (``read_at``, ``recv_into``, ...)."""
+
+    __slots__ = ("kind", "fd", "buffer", "buffers", "offset", "flags", "path", "mode", "address", "timeout",
+                 "deadline", "state", "result", "id", "cancel_requested", "waiter", "wake_fd", "backend_data",
+                 "user_data", "__weakref__")
+
+    def __init__(self, kind: OpKind, fd: int = -1, *, buffer: memoryview | None = None,
+                 buffers: tuple[memoryview, ...] = (), offset: int = 0, flags: int = 0, path: bytes = b"",
+                 mode: int = 0, address: Any = None, timeout: float = 0.0, user_data: Any = None):
+        self.kind = kind
+        self.fd = fd
+        self.buffer = buffer
+        self.buffers = buffers
+        self.offset = offset
+        self.flags = flags
+        self.path = path
+        self.mode = mode
+        self.address = address
+        self.timeout = timeout
+        # Absolute time.monotonic() after which the backend cancels the op by itself (an io_uring linked timeout).
+        self.deadline: float | None = None
+        self.state = OpState.NEW
+        self.result = 0
+        self.id = 0
+        self.cancel_requested = False
+        self.waiter: Any = None        # the runtime's task parked on this op
+        self.wake_fd = -1              # blocking backends: an eventfd that interrupts the wait when cancelling
+        self.backend_data: Any = None  # private to the backend that owns the op in flight
+        self.user_data = user_data     # free for the caller
+
+    @property
+    def done(self) -> bool:
+        return self.state is OpState.DONE
+
+    @property
+    def nbytes(self) -> int:
+        """How many bytes the op may move (0 for ops without a buffer)."""
+        if self.buffer is not None:
+            return self.buffer.nbytes
+        return sum(b.nbytes for b in self.buffers)
+
+    def value(self) -> int:
+        """Return the result of a finished op, or raise the ``OSError`` its ``-errno`` stands for."""
+        if self.state is not OpState.DONE:
+            raise RuntimeError(f"{self!r} has not completed")
+        return check_result(self.result)
+
+    def __repr__(self) -> str:
+        extra = f" result={self.result}" if self.state is OpState.DONE else ""
+        return f"<Op {self.kind.name} fd={self.fd} id={self.id} {self.state.name}{extra}>"
+
+
+# --- validation helpers -----------------------------------------------------------------------------------------
+
+def _check_fd(fd: int) -> int:
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise TypeError(f"fd must be an int, not {type(fd).__name__}")
+    if fd < 0:
+        raise ValueError(f"fd must be >= 0, got {fd}")
+    return fd
+
+
+def _check_offset(offset: int, *, allow_current: bool = True) -> int:
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise TypeError(f"offset must be an int, not {type(offset).__name__}")
+    if offset < 0 and not (allow_current and offset == -1):
+        raise ValueError(f"offset must be >= 0 (or -1 for the file position), got {offset}")
+    return offset
+
+
+def as_byte_view(buffer: Any, *, writable: bool) -> memoryview:
+    """Return a flat byte view of ``buffer`` (anything with the buffer protocol), checking it can be written if asked."""
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise TypeError(f"expected a bytes-like object, not {type(buffer).__name__}") from None
+    if writable and view.readonly:
+        raise TypeError(f"a writable buffer is needed (bytearray, memoryview of one, array...), "
+                        f"not read-only {type(buffer).__name__}")
+    if not view.c_contiguous:
+        raise ValueError("the buffer must be C-contiguous")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _byte_views(buffers: Sequence[Any], *, writable: bool) -> tuple[memoryview, ...]:
+    if isinstance(buffers, (bytes, bytearray, memoryview)):
+        raise TypeError("vectored ops take a sequence of buffers, not a single buffer")
+    views = tuple(as_byte_view(b, writable=writable) for b in buffers)
+    if not views:
+        raise ValueError("vectored ops need at least one buffer")
+    return views
+
+
+# --- constructors -------------------------------------------------------------------------------------------------
+
+def nop() -> Op:
+    """An op that does nothing and completes with 0 (measures the machinery itself)."""
+    return Op(OpKind.NOP)
+
+
+def read_at(fd: int, buffer: Any, offset: int = -1) -> Op:
+    """Read into ``buffer`` (writable) from ``fd`` at ``offset``; result: bytes read, 0 at end of file."""
+    return Op(OpKind.READ, _check_fd(fd), buffer=as_byte_view(buffer, writable=True), offset=_check_offset(offset))
+
+
+def write_at(fd: int, data: Any, offset: int = -1) -> Op:
+    """Write ``data`` to ``fd`` at ``offset``; result: bytes written (may be short)."""
+    return Op(OpKind.WRITE, _check_fd(fd), buffer=as_byte_view(data, writable=False), offset=_check_offset(offset))
+
+
+def readv_at(fd: int, buffers: Sequence[Any], offset: int = -1) -> Op:
+    """Scatter-read into ``buffers`` from ``offset``; result: total bytes read."""
+    return Op(OpKind.READV, _check_fd(fd), buffers=_byte_views(buffers, writable=True), offset=_check_offset(offset))
+
+
+def writev_at(fd: int, buffers: Sequence[Any], offset: int = -1) -> Op:
+    """Gather-write ``buffers`` at ``offset``; result: total bytes written."""
+    return Op(OpKind.WRITEV, _check_fd(fd), buffers=_byte_views(buffers, writable=False), offset=_check_offset(offset))
+
+
+def fsync(fd: int) -> Op:
+    """Flush the file's data and metadata to stable storage."""
+    return Op(OpKind.FSYNC, _check_fd(fd))
+
+
+def fdatasync(fd: int) -> Op:
+    """Flush the file's data (and the metadata needed to read it back) to stable storage."""
+    return Op(OpKind.FDATASYNC, _check_fd(fd))
+
+
+def open_file(path: str | bytes | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> Op:
+    """Open ``path`` (relative to the current directory); result: the new fd. ``O_CLOEXEC`` is always added."""
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise ValueError("path must not contain NUL bytes")
+    return Op(OpKind.OPEN, path=raw, flags=flags | os.O_CLOEXEC, mode=mode)
+
+
+def close(fd: int) -> Op:
+    """Close ``fd``. The fd number is free for reuse once the op completes."""
+    return Op(OpKind.CLOSE, _check_fd(fd))
+
+
+def accept(fd: int) -> Op:
+    """Accept a connection on listening socket ``fd``; result: the new connection's fd (non-blocking, close-on-exec)."""
+    return Op(OpKind.ACCEPT, _check_fd(fd))
+
+
+def connect(fd: int, address: Any) -> Op:
+    """Connect socket ``fd`` to ``address`` (a ``(host, port)`` tuple of numeric addresses, or a path); result: 0."""
+    if address is None:
+        raise TypeError("connect needs an address")
+    return Op(OpKind.CONNECT, _check_fd(fd), address=address)
+
+
+def recv_into(fd: int, buffer: Any, flags: int = 0) -> Op:
+    """Receive into ``buffer``; result: bytes received, 0 when the peer closed its side."""
+    view = as_byte_view(buffer, writable=True)
+    return Op(OpKind.RECV, _check_fd(fd), buffer=view, flags=flags)
+
+
+def recv(fd: int, size: int, flags: int = 0) -> Op:
+    """Receive up to ``size`` bytes into a new buffer (``op.buffer``); result: bytes received."""
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise TypeError(f"size must be an int, not {type(size).__name__}")
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    return recv_into(fd, bytearray(size), flags)
+
+
+def send(fd: int, data: Any, flags: int = 0) -> Op:
+    """Send from ``data``; result: bytes sent (may be fewer than offered). SIGPIPE is never raised: EPIPE is."""
+    return Op(OpKind.SEND, _check_fd(fd), buffer=as_byte_view(data, writable=False), flags=flags)
+
+
+def shutdown(fd: int, how: int = socket.SHUT_WR) -> Op:
+    """Shut down one or both directions of a connected socket."""
+    if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+        raise ValueError(f"how must be SHUT_RD, SHUT_WR or SHUT_RDWR, got {how}")
+    return Op(OpKind.SHUTDOWN, _check_fd(fd), flags=how)
+
+
+def timeout(seconds: float) -> Op:
+    """Complete with 0 after ``seconds`` (a timer in the backend; io_uring's IORING_OP_TIMEOUT)."""
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    return Op(OpKind.TIMEOUT, timeout=float(seconds))
+
+
+def poll(fd: int, events: int) -> Op:
+    """Wait until ``fd`` is ready for ``events`` (``select.POLLIN`` / ``POLLOUT``); result: the ready mask."""
+    return Op(OpKind.POLL, _check_fd(fd), flags=events)
+
+
+def is_reading(op: Op) -> bool:
+    """True for ops that wait for the fd to become readable (as opposed to writable)."""
+    return op.kind in _READING_KINDS or (op.kind is OpKind.POLL and not op.flags & select.POLLOUT)

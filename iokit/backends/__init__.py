@@ -1,0 +1,98 @@
+"""Choosing a backend: what is available here, why not the rest, and which one ``auto`` picks.
+
+``auto`` prefers ``uring`` and falls back to ``epoll``, and always says why (``Backend.chosen_because``). Ask for a
+backend by name to refuse any fallback: ``open_backend("uring")`` raises ``BackendUnavailable`` with the reason and
+what to do, instead of quietly running on something else. ``IOKIT_BACKEND`` in the environment sets what ``auto``
+means (handy for running a whole program on another model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+
+from .._errors import BackendUnavailable
+from ._base import Backend, BackendStatistics
+
+__all__ = ["Backend", "BackendInfo", "BackendStatistics", "NAMES", "backends", "open_backend"]
+
+NAMES = ("blocking", "threads", "epoll", "uring")
+_AUTO_ORDER = ("uring", "epoll")
+_CLASSES = {"blocking": ("blocking", "BlockingBackend"), "threads": ("threads", "ThreadsBackend"),
+            "epoll": ("epoll", "EpollBackend"), "uring": ("uring", "UringBackend")}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """Whether a backend can run here. ``reason`` explains an unavailable one; ``features`` lists what was probed."""
+
+    name: str
+    available: bool
+    reason: str = ""
+    features: dict = dataclasses.field(default_factory=dict)
+
+
+def _probe_uring() -> BackendInfo:
+    try:
+        from . import uring
+    except ImportError as exc:
+        return BackendInfo("uring", False, f"the C extension is not built ({exc}); run `make` or `pip install .` "
+                                           f"with liburing-dev installed")
+    available, reason, features = uring.probe()
+    return BackendInfo("uring", available, reason, features)
+
+
+def backends() -> list[BackendInfo]:
+    """Every backend, in the order blocking, threads, epoll, uring, with its availability here."""
+    infos = [BackendInfo(name, True) for name in ("blocking", "threads")]
+    if hasattr(__import__("select"), "epoll"):
+        infos.append(BackendInfo("epoll", True))
+    else:
+        infos.append(BackendInfo("epoll", False, "select.epoll is missing (not Linux?)"))
+    infos.append(_probe_uring())
+    return infos
+
+
+def _backend_class(name: str) -> type[Backend]:
+    module_name, class_name = _CLASSES[name]
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
+
+
+def open_backend(name: str = "auto", **options) -> Backend:
+    """Create a backend. ``name`` is one of ``NAMES`` (strict: no fallback) or ``"auto"``.
+
+    ``options`` go to the backend's constructor (e.g. ``max_workers`` for threads, ``file_ops`` for epoll,
+    ``entries``/``sqpoll`` for uring); backends ignore options that are not theirs.
+    Raises ``ValueError`` for an unknown name and ``BackendUnavailable`` when a named backend cannot run here.
+    The instance's ``chosen_because`` says why it was picked.
+    """
+    if name == "auto":
+        name = os.environ.get("IOKIT_BACKEND", "auto")
+    if name == "auto":
+        refusals = []
+        for candidate in _AUTO_ORDER:
+            try:
+                backend = _open_named(candidate, options)
+            except BackendUnavailable as exc:
+                refusals.append(f"{candidate}: {exc.reason}")
+                continue
+            backend.chosen_because = ("auto: " + ("; ".join(refusals) + f"; so {candidate}" if refusals
+                                                  else f"{candidate} is available"))
+            return backend
+        raise BackendUnavailable("auto", "; ".join(refusals))
+    backend = _open_named(name, options)
+    backend.chosen_because = f"asked for {name}"
+    return backend
+
+
+def _open_named(name: str, options: dict) -> Backend:
+    if name not in _CLASSES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+    if name == "uring":
+        info = _probe_uring()
+        if not info.available:
+            raise BackendUnavailable("uring", info.reason)
+    elif name == "epoll" and not hasattr(__import__("select"), "epoll"):
+        raise BackendUnavailable("epoll", "select.epoll is missing (not Linux?)")
+    return _backend_class(name)(**options)

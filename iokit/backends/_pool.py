@@ -1,0 +1,107 @@
+"""A bounded pool of worker threads that perform ops with blocking calls (the ``threads`` model, and ``epoll``'s
+regular-file ops).
+
+Workers are started on demand, up to ``max_workers``, and then kept. A worker performs an op with
+``wait_then_attempt`` (try; if the socket is not ready, block in poll(2) on it and on the worker's own eventfd), so a
+cancel can interrupt a worker that waits on an idle socket. A queued op that is cancelled before a worker takes it
+never runs.
+
+Completions are handed back to the loop thread, never finished on the worker: the worker appends ``(op, result)`` to
+a list under a lock and writes the loop's eventfd (``notify_fd``); the loop calls ``take_completions()``. So the
+in-flight table is only ever touched by the loop thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+
+from .._op import Op
+from ._syscalls import wait_then_attempt
+
+_QUEUED, _RUNNING, _CANCELLED_EARLY = "queued", "running", "cancelled-before-start"
+
+
+class WorkerPool:
+    def __init__(self, max_workers: int, notify_fd: int, name: str) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        self.max_workers = max_workers
+        self._notify_fd = notify_fd
+        self._name = name
+        self._jobs: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._done: list[tuple[Op, int]] = []
+        self._state: dict[int, str] = {}  # op.id -> _QUEUED / _RUNNING / _CANCELLED_EARLY
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+
+    def start(self, op: Op) -> None:
+        """Queue ``op`` for a worker, starting a new worker if none is idle and the pool is not full."""
+        with self._lock:
+            self._state[op.id] = _QUEUED
+            # Like concurrent.futures: hand the job to an idle worker if there is one, else grow the pool.
+            need_worker = self._idle == 0 and len(self._threads) < self.max_workers
+            if self._idle:
+                self._idle -= 1
+        if need_worker:
+            worker = threading.Thread(target=self._work, name=f"iokit-{self._name}-{len(self._threads)}",
+                                      daemon=True)
+            self._threads.append(worker)
+            worker.start()
+        self._jobs.put(op)
+
+    def cancel(self, op: Op) -> bool:
+        """Stop ``op``: True if it had not started (it never will; the caller finishes it with -ECANCELED), False if a
+        worker runs it (the worker is interrupted and reports the outcome)."""
+        with self._lock:
+            state = self._state.get(op.id)
+            if state == _QUEUED:
+                self._state[op.id] = _CANCELLED_EARLY
+                return True
+            wake_fd = op.wake_fd if state == _RUNNING else -1
+        if wake_fd >= 0:
+            os.eventfd_write(wake_fd, 1)
+        return False
+
+    def take_completions(self) -> list[tuple[Op, int]]:
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    @property
+    def size(self) -> int:
+        return len(self._threads)
+
+    def shutdown(self) -> None:
+        """Stop the workers (call once nothing is in flight) and wait for them."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for worker in self._threads:
+            worker.join()
+        self._threads.clear()
+
+    def _work(self) -> None:
+        wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            while True:
+                op = self._jobs.get()
+                if op is None:
+                    return
+                with self._lock:
+                    if self._state.pop(op.id) == _CANCELLED_EARLY:
+                        self._idle += 1
+                        continue
+                    self._state[op.id] = _RUNNING
+                    op.wake_fd = wake_fd
+                result = wait_then_attempt(op, wake_fd) if not op.cancel_requested else -errno.ECANCELED
+                with self._lock:
+                    del self._state[op.id]
+                    op.wake_fd = -1
+                    self._done.append((op, result))
+                    self._idle += 1
+                os.eventfd_write(self._notify_fd, 1)
+        finally:
+            os.close(wake_fd)

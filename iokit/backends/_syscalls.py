@@ -1,0 +1,221 @@
+"""The one place that turns an op into plain syscalls, for the three backends that make them from Python.
+
+``attempt(op)`` makes the op's syscall once and returns what an io_uring completion would hold: a byte count, an fd or
+a mask, or ``-errno``. Sockets are expected to be non-blocking (``iokit.streams`` makes them so), so a socket op that
+cannot progress returns ``-EAGAIN`` instead of blocking; what to do then is each backend's choice:
+
+* ``blocking`` and the ``threads`` workers wait in ``poll(2)`` on the fd and on the thread's wake-up eventfd (so a
+  cancel can interrupt the wait), then try again;
+* ``epoll`` parks the op on the fd's waiter list and tries again when epoll reports the fd ready.
+
+EINTR needs no case of its own: since PEP 475 the ``os`` and ``socket`` functions retry it themselves, so "try, then
+wait" covers both EAGAIN and EINTR.
+
+``connect`` is the one op that is not simply retried: a non-blocking connect answers EINPROGRESS once, and its outcome
+is read from ``SO_ERROR`` when the socket turns writable (``finish_connect``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import time
+
+from .._op import Op, OpKind
+
+EAGAIN = -errno.EAGAIN
+_IN_PROGRESS = {errno.EINPROGRESS, errno.EALREADY}
+
+
+def _borrow_socket(fd: int) -> socket.socket:
+    # A socket object over an fd we do not own: detach() it afterwards so it never closes the fd.
+    return socket.socket(fileno=fd)
+
+
+def _accept(fd: int) -> int:
+    sock = _borrow_socket(fd)
+    try:
+        new_fd, _address = sock._accept()  # the raw accept4(); the public accept() would wrap the fd in an object
+    finally:
+        sock.detach()
+    os.set_blocking(new_fd, False)
+    return new_fd
+
+
+def _connect(op: Op) -> int:
+    sock = _borrow_socket(op.fd)
+    try:
+        err = sock.connect_ex(op.address)
+    finally:
+        sock.detach()
+    if err in _IN_PROGRESS:
+        op.backend_data = "connecting"
+        return EAGAIN
+    return -err
+
+
+def finish_connect(op: Op) -> int:
+    """Outcome of a connect that answered EINPROGRESS, once the socket is writable (or -EAGAIN if still pending)."""
+    sock = _borrow_socket(op.fd)
+    try:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    finally:
+        sock.detach()
+    if err == 0:
+        # Writable with no error can also mean "not finished yet" on a spurious wake-up; getpeername tells.
+        try:
+            sock = _borrow_socket(op.fd)
+            sock.getpeername()
+        except OSError as exc:
+            return EAGAIN if exc.errno == errno.ENOTCONN else -exc.errno
+        finally:
+            sock.detach()
+    return -err
+
+
+def _shutdown(fd: int, how: int) -> int:
+    sock = _borrow_socket(fd)
+    try:
+        sock.shutdown(how)
+    finally:
+        sock.detach()
+    return 0
+
+
+def _poll_now(fd: int, events: int) -> int:
+    poller = select.poll()
+    poller.register(fd, events)
+    ready = poller.poll(0)
+    if not ready:
+        return EAGAIN
+    mask = ready[0][1]
+    if mask & select.POLLNVAL:
+        return -errno.EBADF
+    return mask
+
+
+def attempt(op: Op) -> int:
+    """Make ``op``'s syscall once. Returns the result, ``-errno``, or ``-EAGAIN`` if a socket is not ready."""
+    kind = op.kind
+    try:
+        if kind is OpKind.RECV:
+            return os.readv(op.fd, (op.buffer,)) if not op.flags else _recv_flags(op)
+        if kind is OpKind.SEND:
+            return _send(op)
+        if kind is OpKind.READ:
+            if op.offset < 0:
+                return os.readv(op.fd, (op.buffer,))
+            return os.preadv(op.fd, (op.buffer,), op.offset)
+        if kind is OpKind.WRITE:
+            if op.offset < 0:
+                return os.write(op.fd, op.buffer)
+            return os.pwrite(op.fd, op.buffer, op.offset)
+        if kind is OpKind.READV:
+            return os.readv(op.fd, op.buffers) if op.offset < 0 else os.preadv(op.fd, op.buffers, op.offset)
+        if kind is OpKind.WRITEV:
+            return os.writev(op.fd, op.buffers) if op.offset < 0 else os.pwritev(op.fd, op.buffers, op.offset)
+        if kind is OpKind.ACCEPT:
+            return _accept(op.fd)
+        if kind is OpKind.CONNECT:
+            return finish_connect(op) if op.backend_data == "connecting" else _connect(op)
+        if kind is OpKind.POLL:
+            return _poll_now(op.fd, op.flags)
+        if kind is OpKind.FSYNC:
+            os.fsync(op.fd)
+            return 0
+        if kind is OpKind.FDATASYNC:
+            os.fdatasync(op.fd)
+            return 0
+        if kind is OpKind.OPEN:
+            return os.open(op.path, op.flags, op.mode)
+        if kind is OpKind.CLOSE:
+            os.close(op.fd)
+            return 0
+        if kind is OpKind.SHUTDOWN:
+            return _shutdown(op.fd, op.flags)
+        if kind is OpKind.NOP:
+            return 0
+    except BlockingIOError:
+        return EAGAIN
+    except OSError as exc:
+        return -exc.errno
+    raise ValueError(f"{kind.name} is not a syscall op")  # TIMEOUT is a timer in each backend
+
+
+def _send(op: Op) -> int:
+    if not op.flags:
+        # write(2) on a socket is send(2) with no flags; Python ignores SIGPIPE, so a closed peer gives EPIPE.
+        return os.write(op.fd, op.buffer)
+    sock = _borrow_socket(op.fd)
+    try:
+        return sock.send(op.buffer, op.flags)
+    finally:
+        sock.detach()
+
+
+def _recv_flags(op: Op) -> int:
+    sock = _borrow_socket(op.fd)
+    try:
+        return sock.recv_into(op.buffer, 0, op.flags)
+    finally:
+        sock.detach()
+
+
+def wants_writable(op: Op) -> bool:
+    """True if a not-ready ``op`` waits for POLLOUT (send, connect, poll for writing), False for POLLIN."""
+    kind = op.kind
+    return kind is OpKind.SEND or kind is OpKind.CONNECT or (kind is OpKind.POLL and bool(op.flags & select.POLLOUT))
+
+
+def wait_then_attempt(op: Op, wake_fd: int) -> int:
+    """Perform ``op`` in the calling thread, blocking until it is done: try, and while the socket is not ready, wait in
+    poll(2) on the fd and on ``wake_fd`` (written to interrupt the wait). Returns the result, or ``-ECANCELED`` once
+    ``op.cancel_requested`` is set or ``op.deadline`` has passed. Used by ``blocking`` and by ``threads``' workers."""
+    if op.kind is OpKind.TIMEOUT:
+        return _sleep(op, wake_fd)
+    result = attempt(op)
+    if result != EAGAIN:
+        return result
+    poller = select.poll()
+    poller.register(op.fd, select.POLLOUT if wants_writable(op) else select.POLLIN)
+    poller.register(wake_fd, select.POLLIN)
+    while True:
+        if op.cancel_requested:
+            return -errno.ECANCELED
+        timeout_ms = None
+        if op.deadline is not None:
+            remaining = op.deadline - time.monotonic()
+            if remaining <= 0:
+                return -errno.ECANCELED
+            timeout_ms = max(1, int(remaining * 1000 + 0.999))
+        for fd, _mask in poller.poll(timeout_ms):
+            if fd == wake_fd:
+                _drain_eventfd(wake_fd)
+        result = attempt(op)
+        if result != EAGAIN:
+            return result
+
+
+def _sleep(op: Op, wake_fd: int) -> int:
+    end = time.monotonic() + op.timeout
+    cut_short = op.deadline is not None and op.deadline < end  # the op's own deadline cancels it first
+    if cut_short:
+        end = op.deadline
+    poller = select.poll()
+    poller.register(wake_fd, select.POLLIN)
+    while not op.cancel_requested:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            return -errno.ECANCELED if cut_short else 0
+        if poller.poll(max(1, int(remaining * 1000 + 0.999))):
+            _drain_eventfd(wake_fd)
+    return -errno.ECANCELED
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass

@@ -1,0 +1,106 @@
+"""The ``blocking`` backend: the calling thread makes the syscall itself and waits for it. ``submit`` returns when the
+op is done; ``wait`` then hands it back. Under the runtime, every task is an OS thread: the classic
+thread-per-connection server.
+
+One refinement keeps it cancellable: sockets are non-blocking, so a socket op that cannot progress is not left stuck
+inside recv(2). The thread instead waits in poll(2) on the socket *and* on its own eventfd; ``cancel`` (or the runtime,
+to cancel a task) writes that eventfd, and the op ends with ``-ECANCELED``. To the caller it is still one blocking
+call. Regular-file ops are plain pread/pwrite/fsync: the kernel never reports a file "not ready".
+
+Several threads share one backend, so the in-flight table is guarded by a lock, and each thread sees only its own
+completions in ``wait()``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import weakref
+
+from .._op import Op
+from ._base import Backend
+from ._syscalls import wait_then_attempt
+from ._timers import poll_milliseconds
+
+
+class _ThreadState:
+    """Per-thread: the eventfd that interrupts this thread's waits, and its completed ops. The eventfd is closed when
+    the thread ends (its thread-local state dies) or when the backend closes, whichever comes first."""
+
+    def __init__(self) -> None:
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.completed: list[Op] = []
+        self.close = weakref.finalize(self, os.close, self.wake_fd)
+
+
+class BlockingBackend(Backend):
+    name = "blocking"
+    task_per_thread = True
+
+    def __init__(self, **_options) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._states: weakref.WeakSet[_ThreadState] = weakref.WeakSet()
+        super().__init__()
+
+    # Each thread has its own completed list; the base class's wait()/close() use it through this property.
+    @property
+    def _completed(self) -> list[Op]:
+        return self._thread_state().completed
+
+    @_completed.setter
+    def _completed(self, value: list[Op]) -> None:
+        self._thread_state().completed = value
+
+    def thread_wake_fd(self) -> int:
+        """The calling thread's eventfd: writing it interrupts whatever this thread waits on in this backend."""
+        return self._thread_state().wake_fd
+
+    def _thread_state(self) -> _ThreadState:
+        try:
+            return self._local.state
+        except AttributeError:
+            state = self._local.state = _ThreadState()
+            with self._lock:
+                self._states.add(state)
+            return state
+
+    def _admit(self, op: Op) -> None:
+        with self._lock:
+            super()._admit(op)
+
+    def _start(self, op: Op) -> None:
+        if op.wake_fd < 0:
+            op.wake_fd = self.thread_wake_fd()
+        result = wait_then_attempt(op, op.wake_fd)
+        with self._lock:
+            self._finish(op, result)
+
+    def _request_cancel(self, op: Op) -> None:
+        if op.wake_fd >= 0:
+            os.eventfd_write(op.wake_fd, 1)
+
+    def _wait_for_events(self, timeout: float | None) -> None:
+        # Ops finish inside submit(), so there is nothing to wait for but a wakeup() (or, in close(), other threads).
+        wake_fd = self.thread_wake_fd()
+        poller = select.poll()
+        poller.register(wake_fd, select.POLLIN)
+        if poller.poll(poll_milliseconds(timeout)):
+            try:
+                os.eventfd_read(wake_fd)
+            except BlockingIOError:
+                pass
+
+    def wakeup(self) -> None:
+        with self._lock:
+            states = list(self._states)  # strong references: no eventfd is closed while we write to it
+        for state in states:
+            if state.close.alive:
+                os.eventfd_write(state.wake_fd, 1)
+
+    def _release(self) -> None:
+        with self._lock:
+            states = list(self._states)
+        for state in states:
+            state.close()
