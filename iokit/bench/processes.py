@@ -1,0 +1,189 @@
+"""Child processes of a benchmark: started pinned to their cores, awaited until ready, measured, and stopped.
+
+Why each piece is done the way it is:
+
+* **Pinning** is set in the child before it runs anything (``preexec_fn``), so every thread it later creates inherits
+  the mask; setting it from outside after start would miss threads already running.
+* **CPU seconds** come from psutil (``/proc/PID/stat``), which is process-wide and keeps the time of threads that
+  have exited.
+* **Context switches** are summed over the live threads in ``/proc/PID/task``: psutil's ``num_ctx_switches`` reads
+  only the main thread, which would miss every worker thread of the ``blocking`` and ``threads`` backends. Threads that
+  exited during a measurement take their count with them, so the figure is a floor; snapshots are taken while the
+  load's connections (and so the blocking backend's threads) are still open.
+* **Peak RSS** is ``VmHWM``, reset before each measurement by writing 5 to ``/proc/PID/clear_refs`` so that one long
+  lived server reports the peak of each workload, not of its whole life. Where the reset is refused, the peak is the
+  process's lifetime peak and the result says so.
+* Servers write stderr to a file, not a pipe: nobody reads a pipe during a run, and a full pipe would stall the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+import psutil
+
+READY_LINE = re.compile(r"listening on (?P<host>[\d.]+):(?P<port>\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """A process's resource counters at one moment (or, after subtraction, over an interval)."""
+
+    cpu_s: float
+    context_switches: int
+    peak_rss_kib: int
+
+    def __sub__(self, earlier: "Usage") -> "Usage":
+        # Peak RSS is not a counter: the later peak is the peak of the interval (it was reset at its start).
+        return Usage(self.cpu_s - earlier.cpu_s, self.context_switches - earlier.context_switches, self.peak_rss_kib)
+
+
+class ProcessGone(RuntimeError):
+    """A child exited before it was done; the message holds the end of its stderr."""
+
+
+def pinned_to(cpus: Iterable[int]):
+    """A ``preexec_fn`` that pins the child to ``cpus`` before it execs."""
+    cpu_set = set(cpus)
+
+    def pin() -> None:
+        os.sched_setaffinity(0, cpu_set)
+
+    return pin
+
+
+def python_module_command(module: str, *args: str) -> list[str]:
+    """``python -m module args`` with this interpreter (the venv's, when the harness runs in one)."""
+    return [sys.executable, "-m", module, *args]
+
+
+def python_script_command(script: Path, *args: str) -> list[str]:
+    return [sys.executable, str(script), *args]
+
+
+def python_child_environment() -> dict[str, str]:
+    """This environment, with the directory holding the ``iokit`` package first on PYTHONPATH, so a child finds the
+    same iokit as the harness whatever its working directory."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+def _status_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
+    values = {}
+    try:
+        with open(path) as status:
+            for line in status:
+                key, _, rest = line.partition(":")
+                if key in names:
+                    values[key] = int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return values
+
+
+def measure(pid: int) -> Usage:
+    """Snapshot of ``pid``'s CPU time, context switches (summed over its threads) and peak RSS."""
+    times = psutil.Process(pid).cpu_times()
+    switches = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        fields = _status_fields(f"/proc/{pid}/task/{tid}/status",
+                                ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
+        switches += sum(fields.values())
+    peak = _status_fields(f"/proc/{pid}/status", ("VmHWM",)).get("VmHWM", 0)
+    return Usage(times.user + times.system, switches, peak)
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Start a new peak-RSS window for ``pid``. Returns False where the kernel refuses."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_kib(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss // 1024
+
+
+class Server:
+    """A server started in its own process, pinned, that announces itself with ``listening on HOST:PORT``."""
+
+    def __init__(self, argv: list[str], cpus: Iterable[int], *, name: str, env: dict | None = None,
+                 ready_timeout: float = 20.0):
+        self.name = name
+        self.argv = argv
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
+                                        preexec_fn=pinned_to(cpus), env=env, text=True)
+        self.host, self.port = self._wait_ready(ready_timeout)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _wait_ready(self, timeout: float) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not selector.select(max(0.0, deadline - time.monotonic())):
+                    continue
+                line = self.process.stdout.readline()
+                if not line:
+                    self.stop()
+                    raise ProcessGone(f"{self.name} exited before it was ready: {self.stderr_tail()}")
+                match = READY_LINE.search(line)
+                if match:
+                    return match["host"], int(match["port"])
+        self.stop()
+        raise ProcessGone(f"{self.name} printed no ready line within {timeout:.0f} s: {self.stderr_tail()}")
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise ProcessGone(f"{self.name} exited with status {self.process.returncode}: {self.stderr_tail()}")
+
+    def measure(self) -> Usage:
+        self.check_alive()
+        return measure(self.pid)
+
+    def stderr_tail(self, limit: int = 600) -> str:
+        self._stderr.seek(0)
+        text = self._stderr.read().decode(errors="replace").strip()
+        return text[-limit:] if text else "(no output on stderr)"
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in ``timeout`` seconds. Returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+        self._stderr.close()

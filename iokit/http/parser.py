@@ -1,0 +1,288 @@
+"""A sans-IO HTTP/1.1 request parser: bytes in, request events out, over httptools (llhttp, the parser uvicorn uses).
+
+llhttp does the byte-level work (request line, header syntax, chunked decoding) and already refuses the classic smuggling
+shapes: Content-Length with Transfer-Encoding, a repeated Content-Length, ``chunked`` that is not the final coding. This
+module adds what a server must decide on top of it, each a rule of RFC 9112 or a limit of ``HttpLimits``:
+
+* **Limits on the head** (request line 414; header bytes or field count 431). llhttp has no limits, and httptools keeps a
+  header value that is still arriving in its own buffer, so besides counting what the callbacks hand us we count the bytes
+  fed while a head is incomplete: that bounds memory even against one endless header line.
+* **Framing the server can trust**: exactly one Host on HTTP/1.1 (400); a transfer coding other than ``chunked`` is 501
+  (we implement no other); Transfer-Encoding on HTTP/1.0 is faulty framing (RFC 9112 section 6.1: 400); only versions 1.0
+  and 1.1 (505; llhttp is told to accept any digit so that we, not it, answer that case).
+* **Unknown methods**: llhttp rejects a method it does not know at its first wrong byte. A line shaped like a request
+  (``TOKEN SP target SP HTTP/x.y``) with such a method gets 405, anything else (TLS, binary noise) 400. To tell them apart
+  the parser keeps the few bytes of a request line that is still being read; when a failing request starts in the middle
+  of a read that also finished an earlier pipelined request, its first bytes are not known and the answer is 400.
+
+Every error is an ``HttpError`` event with ``close=True`` and ends the parser: after a framing error nothing later on the
+connection can be trusted. Events come out in order through ``next_event()``; ``None`` means "feed me more bytes".
+
+httptools parses everything it is fed in one call (it cannot pause between pipelined requests), so the caller bounds how far
+the parser runs ahead of the handler by feeding only when ``next_event()`` returns ``None``.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import re
+
+import httptools
+
+from .errors import HttpError
+from .limits import DEFAULT_LIMITS, HttpLimits
+from .messages import END_OF_MESSAGE, BodyChunk, Headers, RequestHead
+
+SUPPORTED_VERSIONS = ("1.0", "1.1")
+
+# A request line whose method llhttp did not know, but which is otherwise well formed: the client asked for something we
+# do not do (405), rather than speaking another protocol (400).
+_REQUEST_LINE_SHAPE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r?\n")
+_METHOD_CHARACTER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]")
+# Bytes the request line of a message adds around its target: method and the " HTTP/1.1\r\n" after the target.
+_REQUEST_LINE_OVERHEAD = len(b"  HTTP/1.1\r\n")
+
+
+class _State(enum.Enum):
+    BETWEEN_MESSAGES = "between messages"
+    HEAD = "reading a head"
+    BODY = "reading a body"
+    UNKNOWN_METHOD = "reading a request line with an unknown method"
+    FAILED = "failed"
+
+
+class _ParserFailure(Exception):
+    """Raised inside an httptools callback to stop the parse; the reason is in ``RequestParser._failure``."""
+
+
+class RequestParser:
+    """Turns the bytes of one connection into ``RequestHead``, ``BodyChunk``, ``END_OF_MESSAGE`` and ``HttpError`` events.
+
+    ``feed(data)`` parses what it is given; ``next_event()`` returns the next event or ``None`` when more bytes are needed.
+    After an ``HttpError`` event the parser is finished: it ignores further input and ``next_event()`` returns ``None``.
+    """
+
+    def __init__(self, limits: HttpLimits = DEFAULT_LIMITS):
+        self._limits = limits
+        self._parser = httptools.HttpRequestParser(_Callbacks(self))
+        # Let any digit version through llhttp so that *we* answer 1.2 or 3.0 with 505 rather than llhttp with 400.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
+        self._events: collections.deque = collections.deque()
+        self._state = _State.BETWEEN_MESSAGES
+        self._failure: HttpError | None = None
+        self._start_head()
+        self._request_line_prefix: bytes | None = b""  # bytes of a request line still in its method (for 405 vs 400)
+
+    # -- what the caller uses ------------------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data`` (the next bytes of the connection); the events it completes queue up for ``next_event()``."""
+        if not data or self._state is _State.FAILED:
+            return
+        if self._state is _State.UNKNOWN_METHOD:
+            self._classify_unknown_method(self._request_line_prefix + data)
+            return
+        if self._state is _State.BETWEEN_MESSAGES:
+            self._request_line_prefix = data.lstrip(b"\r\n")
+        elif self._state is _State.HEAD and self._request_line_prefix is not None:
+            self._request_line_prefix += data
+        else:
+            self._request_line_prefix = None
+        if self._state is _State.HEAD:
+            self._head_bytes_fed += len(data)
+        self._feed_httptools(data)
+        if self._state is _State.HEAD:
+            if self._request_line_prefix is not None and self._target_bytes == 0:
+                self._request_line_prefix = self._request_line_prefix[: self._limits.max_request_line_bytes + 2]
+            else:
+                self._request_line_prefix = None
+            if self._head_bytes_fed > self._limits.max_request_line_bytes + self._limits.max_header_bytes:
+                self._fail(431, "the header section is too large", report=True)
+
+    def next_event(self) -> RequestHead | BodyChunk | object | HttpError | None:
+        """Return the next event in arrival order, or ``None`` when the parser needs more bytes (or has failed)."""
+        if self._events:
+            return self._events.popleft()
+        return None
+
+    @property
+    def head_in_progress(self) -> bool:
+        """``True`` while some bytes of a request head have arrived but not the whole head (the header timeout runs)."""
+        return self._state in (_State.HEAD, _State.UNKNOWN_METHOD)
+
+    @property
+    def body_in_progress(self) -> bool:
+        """``True`` between a head with a body and the end of that body."""
+        return self._state is _State.BODY
+
+    @property
+    def failed(self) -> bool:
+        """``True`` once the parser has reported an ``HttpError``."""
+        return self._state is _State.FAILED
+
+    # -- feeding httptools ---------------------------------------------------------------------------------------------
+
+    def _feed_httptools(self, data: bytes) -> None:
+        while True:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                # A request with "Connection: Upgrade" (or CONNECT) is complete; llhttp stopped after it, expecting another
+                # protocol to follow. We never switch protocols (RFC 9110 section 7.8 lets a server ignore Upgrade), so
+                # what follows is parsed as HTTP again.
+                data = data[upgrade.args[0]:]
+                if not data:
+                    return
+            except httptools.HttpParserCallbackError:
+                self._report_failure()
+                return
+            except httptools.HttpParserInvalidMethodError:
+                self._on_unknown_method()
+                return
+            except httptools.HttpParserError as error:
+                self._on_llhttp_error(str(error))
+                return
+
+    def _on_llhttp_error(self, reason: str) -> None:
+        if self._state is _State.HEAD and self._method() == "PRI":
+            self._fail(400, "HTTP/2 is not supported here (connection preface received); use HTTP/1.1", report=True)
+        elif self._state is _State.BODY:
+            self._fail(400, f"malformed body: {reason}", report=True)
+        else:
+            self._fail(400, f"malformed request: {reason}", report=True)
+
+    def _on_unknown_method(self) -> None:
+        if self._request_line_prefix is None:
+            self._fail(400, "malformed request: invalid method", report=True)
+            return
+        self._state = _State.UNKNOWN_METHOD
+        self._classify_unknown_method(self._request_line_prefix)
+
+    def _classify_unknown_method(self, prefix: bytes) -> None:
+        """Decide 405 (a request line with a method we do not know) or 400 (not HTTP), or wait for more of the line."""
+        self._request_line_prefix = prefix
+        method_end = prefix.find(b" ")
+        method = prefix if method_end < 0 else prefix[:method_end]
+        if not method or not all(_METHOD_CHARACTER.fullmatch(method[i:i + 1]) for i in range(len(method))):
+            self._fail(400, "malformed request: not an HTTP request line", report=True)
+        elif _REQUEST_LINE_SHAPE.match(prefix):
+            self._fail(405, f"method {method.decode('ascii')!r} is not supported", report=True)
+        elif b"\n" in prefix or len(prefix) > self._limits.max_request_line_bytes:
+            self._fail(400, "malformed request: not an HTTP request line", report=True)
+        # else: the line is still arriving; the header timeout bounds how long we wait for it.
+
+    # -- checks and events (called from the httptools callbacks) ------------------------------------------------------
+
+    def _start_head(self) -> None:
+        self._target_parts: list[bytes] = []
+        self._target_bytes = 0
+        self._header_fields: list[tuple[str, str]] = []
+        self._header_bytes = 0
+        self._head_bytes_fed = 0
+
+    def _method(self) -> str:
+        return self._parser.get_method().decode("ascii")
+
+    def _on_message_begin(self) -> None:
+        self._state = _State.HEAD
+        self._start_head()
+
+    def _on_target_part(self, part: bytes) -> None:
+        self._target_parts.append(part)
+        self._target_bytes += len(part)
+        if self._target_bytes + len(self._method()) + _REQUEST_LINE_OVERHEAD > self._limits.max_request_line_bytes:
+            self._fail(414, f"the request line is longer than {self._limits.max_request_line_bytes} bytes")
+
+    def _on_header(self, name: bytes, value: bytes) -> None:
+        # After the head, httptools reports the trailer fields of a chunked body here too; they count against the same
+        # limits (a trailer flood is a header flood) and are otherwise ignored, as RFC 9112 section 7.1.2 allows.
+        self._header_bytes += len(name) + len(value) + 4
+        if len(self._header_fields) >= self._limits.max_header_fields:
+            self._fail(431, f"more than {self._limits.max_header_fields} header fields")
+        if self._header_bytes > self._limits.max_header_bytes:
+            self._fail(431, f"the header fields are larger than {self._limits.max_header_bytes} bytes")
+        self._header_fields.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
+
+    def _on_headers_complete(self) -> None:
+        head = self._check_head()
+        self._events.append(head)
+        self._state = _State.BODY
+        self._header_fields = []  # from here on, _on_header counts trailers
+
+    def _check_head(self) -> RequestHead:
+        method = self._method()
+        version = self._parser.get_http_version()
+        if version not in SUPPORTED_VERSIONS:
+            self._fail(505, f"HTTP/{version} is not supported; use HTTP/1.1 or HTTP/1.0")
+        headers = Headers(self._header_fields)
+        if version == "1.1" and len(headers.get_all("host")) != 1:
+            self._fail(400, "an HTTP/1.1 request needs exactly one Host header")
+        chunked = self._check_transfer_encoding(headers, version)
+        content_length = self._check_content_length(headers, chunked)
+        keep_alive = self._parser.should_keep_alive() and method != "CONNECT"
+        expect_continue = version == "1.1" and "100-continue" in headers.get_tokens("expect")
+        return RequestHead(method=method, target=b"".join(self._target_parts).decode("latin-1"), version=version,
+                           headers=headers, keep_alive=keep_alive, content_length=content_length, chunked=chunked,
+                           expect_continue=expect_continue)
+
+    def _check_transfer_encoding(self, headers: Headers, version: str) -> bool:
+        if "transfer-encoding" not in headers:
+            return False
+        if version == "1.0":
+            self._fail(400, "Transfer-Encoding in an HTTP/1.0 request is faulty framing")
+        if "content-length" in headers:
+            self._fail(400, "Content-Length together with Transfer-Encoding")
+        codings = headers.get_tokens("transfer-encoding")
+        unknown = [coding for coding in codings if coding != "chunked"]
+        if unknown:
+            self._fail(501, f"transfer coding {unknown[0]!r} is not implemented; only 'chunked' is")
+        if codings != ["chunked"]:
+            self._fail(400, "Transfer-Encoding must be exactly 'chunked'")
+        return True
+
+    def _check_content_length(self, headers: Headers, chunked: bool) -> int | None:
+        values = headers.get_all("content-length")
+        if chunked or not values:
+            return None
+        if len(values) > 1:
+            self._fail(400, "more than one Content-Length")
+        if not values[0].isdigit() or not values[0].isascii():
+            self._fail(400, f"invalid Content-Length {values[0]!r}")
+        return int(values[0])
+
+    def _on_body(self, data: bytes) -> None:
+        self._events.append(BodyChunk(data))
+
+    def _on_message_complete(self) -> None:
+        self._events.append(END_OF_MESSAGE)
+        self._state = _State.BETWEEN_MESSAGES
+        self._request_line_prefix = None  # the next message starts somewhere inside this read: its offset is unknown
+
+    def _fail(self, status: int, detail: str, *, report: bool = False) -> None:
+        """Record an error; from a callback, stop httptools (it raises ``HttpParserCallbackError`` to ``feed``)."""
+        self._failure = HttpError(status, detail, close=True)
+        if report:
+            self._report_failure()
+        else:
+            raise _ParserFailure()
+
+    def _report_failure(self) -> None:
+        assert self._failure is not None
+        self._events.append(self._failure)
+        self._state = _State.FAILED
+
+
+class _Callbacks:
+    """The object httptools calls back; it forwards to the parser, so the parser's public surface stays small."""
+
+    __slots__ = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+
+    def __init__(self, parser: RequestParser):
+        self.on_message_begin = parser._on_message_begin
+        self.on_url = parser._on_target_part
+        self.on_header = parser._on_header
+        self.on_headers_complete = parser._on_headers_complete
+        self.on_body = parser._on_body
+        self.on_message_complete = parser._on_message_complete

@@ -1,0 +1,178 @@
+"""Responses: what a handler returns, and how it is framed on the wire (sans-IO).
+
+The framing rules are RFC 9112 section 6 seen from the server: a response to HEAD, and any 1xx, 204 or 304, has no body;
+a body known in advance goes out with Content-Length; a body produced as it goes (an async iterator: a download, an event
+stream) is chunked for an HTTP/1.1 client, and for an HTTP/1.0 client, which knows no chunks, it runs until we close. The
+server alone decides ``Connection`` and ``Transfer-Encoding``, so a handler cannot produce a response whose framing
+disagrees with the bytes that follow it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import enum
+import http
+import json
+import time
+from typing import Any, AsyncIterable, Iterable
+
+from .errors import HttpError
+
+SERVER_NAME = "iokit"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+# Framing and connection management belong to the server; a handler's values for these are dropped.
+_SERVER_OWNED_HEADERS = frozenset({"connection", "transfer-encoding", "keep-alive", "date", "server"})
+
+
+class Response:
+    """What a handler returns: a status, header fields, and a body.
+
+    ``body`` is ``bytes`` (or ``str``, sent as UTF-8) for a body known in advance, or an async iterable of ``bytes`` for one
+    produced as it goes (sent chunked, or with the ``Content-Length`` the handler set, which it must then honour).
+    ``headers`` is an iterable of ``(name, value)`` pairs or a dict; ``content_type`` is a shortcut for that header.
+    """
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int = 200, body: bytes | str | AsyncIterable[bytes] = b"", *,
+                 headers: Iterable[tuple[str, str]] | dict[str, str] = (), content_type: str | None = None):
+        self.status = status
+        self.headers = list(headers.items() if isinstance(headers, dict) else headers)
+        if content_type is not None:
+            self.headers.append(("Content-Type", content_type))
+        self.body = body.encode() if isinstance(body, str) else body
+
+    @classmethod
+    def json(cls, value: Any, status: int = 200, *, headers: Iterable[tuple[str, str]] = ()) -> "Response":
+        """Return a response whose body is ``value`` as compact JSON (``application/json``)."""
+        body = json.dumps(value, separators=(",", ":")).encode() + b"\n"
+        return cls(status, body, headers=headers, content_type="application/json")
+
+    @classmethod
+    def from_error(cls, error: HttpError) -> "Response":
+        """Return the JSON error response ``{"error": ..., "detail": ...}`` for ``error``, with its extra headers."""
+        return cls.json({"error": error.error, "detail": error.detail}, error.status, headers=error.headers)
+
+    def header(self, name: str) -> str | None:
+        """Return the first value the handler set for ``name`` (case-insensitive), or ``None``."""
+        name = name.lower()
+        return next((value for field, value in self.headers if field.lower() == name), None)
+
+
+class BodyFraming(enum.Enum):
+    NONE = "no body"                  # HEAD, 1xx, 204, 304
+    LENGTH = "Content-Length"
+    CHUNKED = "chunked"
+    UNTIL_CLOSE = "until close"       # a streamed body to an HTTP/1.0 client
+
+
+@dataclasses.dataclass(frozen=True)
+class FramedHead:
+    """The bytes of a status line and header section, and how the body after it must be sent.
+
+    ``content_length`` is set for ``BodyFraming.LENGTH`` (even for HEAD, where it describes the body not sent);
+    ``close`` says the connection ends after this response.
+    """
+
+    data: bytes
+    framing: BodyFraming
+    content_length: int | None
+    close: bool
+
+
+def status_has_body(status: int) -> bool:
+    """Return ``False`` for the statuses that never carry a body (1xx, 204, 304)."""
+    return not (100 <= status < 200 or status in (204, 304))
+
+
+def frame_response(response: Response, *, request_method: str, request_version: str, keep_alive: bool) -> FramedHead:
+    """Return the head to send for ``response`` to a request with this method and version.
+
+    ``keep_alive`` is the server's wish to keep the connection; the head says ``Connection: close`` when it will not (or
+    when the body must run until close), and ``Connection: keep-alive`` to an HTTP/1.0 client that keeps it.
+    Raises ``ValueError`` for a handler's ``Content-Length`` that is not a number or disagrees with a ``bytes`` body.
+    """
+    fields = [(name, value) for name, value in response.headers if name.lower() not in _SERVER_OWNED_HEADERS]
+    if response.header("connection") and "close" in response.header("connection").lower():
+        keep_alive = False
+    declared_length = _declared_length(response)
+    fields = [(name, value) for name, value in fields if name.lower() != "content-length"]
+    streamed = not isinstance(response.body, (bytes, bytearray, memoryview))
+    content_length = None
+
+    if not status_has_body(response.status):
+        framing = BodyFraming.NONE
+    else:
+        if not streamed:
+            if declared_length is not None and declared_length != len(response.body) and request_method != "HEAD":
+                raise ValueError(f"Content-Length {declared_length} for a body of {len(response.body)} bytes")
+            content_length = len(response.body) if declared_length is None else declared_length
+        else:
+            content_length = declared_length
+        if content_length is not None:
+            framing = BodyFraming.LENGTH
+            fields.append(("Content-Length", str(content_length)))
+        elif request_version == "1.1":
+            framing = BodyFraming.CHUNKED
+            fields.append(("Transfer-Encoding", "chunked"))
+        else:
+            framing = BodyFraming.UNTIL_CLOSE
+            keep_alive = False
+        if request_method == "HEAD":
+            framing = BodyFraming.NONE
+
+    if not keep_alive:
+        fields.append(("Connection", "close"))
+    elif request_version == "1.0":
+        fields.append(("Connection", "keep-alive"))
+    data = _encode_head(response.status, fields)
+    return FramedHead(data=data, framing=framing, content_length=content_length, close=not keep_alive)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """Return ``data`` as one chunk of a chunked body (empty data gives nothing: an empty chunk would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _declared_length(response: Response) -> int | None:
+    value = response.header("content-length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"invalid Content-Length {value!r} from a handler")
+    return int(value)
+
+
+def _encode_head(status: int, fields: list[tuple[str, str]]) -> bytes:
+    lines = [_status_line(status), b"Date: ", _http_date(), b"\r\nServer: " + SERVER_NAME.encode() + b"\r\n"]
+    for name, value in fields:
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            # A handler echoing client text into a header must not be able to split the response.
+            raise ValueError(f"header {name!r} contains a line break")
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """Return the current time as an HTTP date; formatted at most once a second (it is on every response)."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode("ascii"))
+    return _date_cache[1]

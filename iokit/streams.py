@@ -1,0 +1,199 @@
+"""Sockets and files for tasks: thin objects over ops, so that a server reads the same on every backend.
+
+Sockets are created non-blocking (every backend expects that: see ``backends/_syscalls.py``) and are closed through
+the backend (a CLOSE op), so that the epoll backend drops its registration and io_uring closes in order with the ops
+before it. ``sendall`` loops over ``send`` and reports partial progress: when it fails or is cancelled, the
+exception carries ``bytes_sent``, as curio does, so a caller can tell what the peer may have received.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+from . import _op as ops
+from ._scopes import CancelScope
+from .runtime import perform
+
+DEFAULT_RECEIVE_SIZE = 65536
+
+
+async def _close_fd(fd: int) -> None:
+    # Shielded: closing is cleanup and often runs in a task being cancelled; a skipped close would leak the fd.
+    with CancelScope(shield=True):
+        await perform(ops.close(fd))
+
+
+async def _close_fd_of(sock: socket.socket) -> None:
+    fd = sock.detach()
+    if fd >= 0:
+        await _close_fd(fd)
+
+
+class SocketStream:
+    """A connected socket. Methods raise the ``OSError`` subclasses the kernel's errors map to."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    async def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+        """Receive up to ``max_bytes``; ``b""`` when the peer has closed its side."""
+        buffer = bytearray(max_bytes)
+        count = await perform(ops.recv_into(self.fileno(), buffer))
+        return memoryview(buffer)[:count].tobytes()  # the op may still hold a view: copy rather than resize
+
+    async def recv_into(self, buffer: Any) -> int:
+        """Receive into ``buffer``; return the byte count (0 at end of stream)."""
+        return await perform(ops.recv_into(self.fileno(), buffer))
+
+    async def send(self, data: Any) -> int:
+        """Send some of ``data``; return how many bytes went out."""
+        return await perform(ops.send(self.fileno(), data))
+
+    async def sendall(self, data: Any) -> None:
+        """Send all of ``data``. On failure or cancel, the exception raised has ``bytes_sent`` set."""
+        view = ops.as_byte_view(data, writable=False)
+        sent = 0
+        try:
+            while sent < view.nbytes:
+                sent += await perform(ops.send(self.fileno(), view[sent:]))
+        except BaseException as exc:
+            exc.bytes_sent = sent
+            raise
+
+    async def shutdown_write(self) -> None:
+        """Send end-of-stream to the peer (its reads return ``b""``); the socket can still receive."""
+        await perform(ops.shutdown(self.fileno(), socket.SHUT_WR))
+
+    async def aclose(self) -> None:
+        """Close the socket (idempotent)."""
+        if self.socket.fileno() >= 0:
+            await _close_fd_of(self.socket)
+
+    async def __aenter__(self) -> "SocketStream":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+
+class Listener:
+    """A listening TCP socket. ``address`` is the ``(host, port)`` it is bound to."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self.address = sock.getsockname()[:2]
+
+    async def accept(self) -> SocketStream:
+        """Wait for the next connection."""
+        fd = await perform(ops.accept(self.socket.fileno()))
+        return SocketStream(socket.socket(fileno=fd))
+
+    async def aclose(self) -> None:
+        if self.socket.fileno() >= 0:
+            await _close_fd_of(self.socket)
+
+    async def __aenter__(self) -> "Listener":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+
+def _family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+async def open_tcp_listener(host: str, port: int, *, backlog: int = 1024, reuse_port: bool = False) -> Listener:
+    """Bind and listen on ``host:port`` (a numeric IPv4 or IPv6 address; port 0 picks a free one).
+    ``reuse_port`` lets several processes share the port (SO_REUSEPORT), the kernel spreading connections."""
+    sock = socket.socket(_family_of(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(sock)
+
+
+async def connect_tcp(host: str, port: int) -> SocketStream:
+    """Connect to ``host:port`` (numeric address) and return the stream (TCP_NODELAY on)."""
+    sock = socket.socket(_family_of(host), socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await perform(ops.connect(sock.fileno(), (host, port)))
+    except BaseException:
+        sock.close()
+        raise
+    return SocketStream(sock)
+
+
+class File:
+    """An open file. Every method is one op: reads and writes at explicit offsets, syncs, close."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    async def read_at(self, size: int, offset: int) -> bytes:
+        """Read up to ``size`` bytes at ``offset`` (fewer at end of file)."""
+        buffer = bytearray(size)
+        count = await perform(ops.read_at(self.fd, buffer, offset))
+        return memoryview(buffer)[:count].tobytes()
+
+    async def read_into_at(self, buffer: Any, offset: int) -> int:
+        return await perform(ops.read_at(self.fd, buffer, offset))
+
+    async def write_at(self, data: Any, offset: int) -> int:
+        """Write ``data`` at ``offset``; return the count (may be short, e.g. on a full disk)."""
+        return await perform(ops.write_at(self.fd, data, offset))
+
+    async def write_all_at(self, data: Any, offset: int) -> None:
+        """Write all of ``data`` at ``offset``, continuing after short writes; ``bytes_written`` on the exception."""
+        view = ops.as_byte_view(data, writable=False)
+        done = 0
+        try:
+            while done < view.nbytes:
+                written = await perform(ops.write_at(self.fd, view[done:], offset + done))
+                if written == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += written
+        except BaseException as exc:
+            exc.bytes_written = done
+            raise
+
+    async def fsync(self) -> None:
+        await perform(ops.fsync(self.fd))
+
+    async def fdatasync(self) -> None:
+        await perform(ops.fdatasync(self.fd))
+
+    async def aclose(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            await _close_fd(fd)
+
+    async def __aenter__(self) -> "File":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+
+async def open_file(path: str | bytes | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> File:
+    """Open ``path`` through the backend (io_uring: IORING_OP_OPENAT) and return a ``File``."""
+    return File(await perform(ops.open_file(path, flags, mode)))
