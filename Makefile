@@ -1,0 +1,62 @@
+# The two entry points of the README: `make bench` (the main job) and `make test`. Each installs what it needs first,
+# on a fresh Debian machine as root: the apt packages, a virtualenv in .venv, and iokit with its C extension built.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+APT_TEST    := liburing-dev gcc curl wrk
+APT_BENCH   := $(APT_TEST) fio
+BENCH_OUT   ?= bench-results
+
+.PHONY: all test test-fast bench sanitize apt-test apt-bench build info clean
+
+all: build
+
+# Install only what is missing, so that a machine that has everything does not touch apt at all.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || missing="$$missing python3-venv python3-dev"; \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+
+apt-test:
+	$(call apt_install,$(APT_TEST))
+
+apt-bench:
+	$(call apt_install,$(APT_BENCH))
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	touch $@
+
+# Rebuilt when the C or its cffi declaration changes.
+$(VENV)/.built: $(VENV)/.created pyproject.toml setup.py build_ffi.py $(wildcard csrc/*.c csrc/*.h)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+build: apt-test $(VENV)/.built
+
+test: build
+	$(PY) -m iokit info
+	$(PY) -m pytest -q
+
+test-fast: build
+	$(PY) -m pytest -q -x -m "not slow"
+
+bench: apt-bench $(VENV)/.built
+	$(PY) -m iokit.bench --quick --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
+	@echo "results: $(BENCH_OUT)/bench.json, plots: $(BENCH_OUT)/*.png"
+
+# The uring tests with the extension built under AddressSanitizer and UndefinedBehaviorSanitizer.
+sanitize: build
+	bash scripts/sanitize.sh
+
+info: build
+	$(PY) -m iokit info
+
+clean:
+	rm -rf $(VENV) build *.egg-info iokit/_uring_ffi*.so iokit/_uring_ffi.c .pytest_cache
