@@ -34,6 +34,7 @@ from ._errors import Cancelled, check_result
 from ._op import Op
 from ._scopes import LOCK, CancelScope, current_task, set_current_task
 from .backends import Backend, open_backend
+from .backends._syscalls import drain_eventfd
 from .backends._timers import poll_milliseconds
 
 _ECANCELED = -errno.ECANCELED
@@ -371,10 +372,7 @@ class ThreadDriver(_Driver):
             deadline = task.scope.effective_deadline()
             timeout = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
             if poller.poll(poll_milliseconds(timeout)):
-                try:
-                    os.eventfd_read(task.wake_fd)
-                except BlockingIOError:
-                    pass
+                drain_eventfd(task.wake_fd)
             with LOCK:
                 if task._resume is None and deadline != math.inf and time.monotonic() >= deadline:
                     task.scope.expire_deadlines(time.monotonic())  # may resume this task with Cancelled

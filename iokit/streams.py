@@ -32,7 +32,20 @@ async def _close_fd_of(sock: socket.socket) -> None:
         await _close_fd(fd)
 
 
-class SocketStream:
+class _AsyncClosing:
+    """``async with x:`` closes ``x`` at the end of the block."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+
+class SocketStream(_AsyncClosing):
     """A connected socket. Methods raise the ``OSError`` subclasses the kernel's errors map to."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -76,14 +89,8 @@ class SocketStream:
         if self.socket.fileno() >= 0:
             await _close_fd_of(self.socket)
 
-    async def __aenter__(self) -> "SocketStream":
-        return self
 
-    async def __aexit__(self, *exc_info) -> None:
-        await self.aclose()
-
-
-class Listener:
+class Listener(_AsyncClosing):
     """A listening TCP socket. ``address`` is the ``(host, port)`` it is bound to."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -99,12 +106,6 @@ class Listener:
     async def aclose(self) -> None:
         if self.socket.fileno() >= 0:
             await _close_fd_of(self.socket)
-
-    async def __aenter__(self) -> "Listener":
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.aclose()
 
 
 def _family_of(host: str) -> socket.AddressFamily:
@@ -140,7 +141,7 @@ async def connect_tcp(host: str, port: int) -> SocketStream:
     return SocketStream(sock)
 
 
-class File:
+class File(_AsyncClosing):
     """An open file. Every method is one op: reads and writes at explicit offsets, syncs, close."""
 
     def __init__(self, fd: int) -> None:
@@ -186,12 +187,6 @@ class File:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             await _close_fd(fd)
-
-    async def __aenter__(self) -> "File":
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.aclose()
 
 
 async def open_file(path: str | bytes | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> File:

@@ -66,10 +66,12 @@ class WorkerPool:
             os.eventfd_write(wake_fd, 1)
         return False
 
-    def take_completions(self) -> list[tuple[Op, int]]:
+    def deliver(self, backend) -> None:
+        """Finish, on the loop thread, the ops the workers have completed."""
         with self._lock:
             done, self._done = self._done, []
-        return done
+        for op, result in done:
+            backend._finish(op, result)
 
     @property
     def size(self) -> int:

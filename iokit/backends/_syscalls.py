@@ -192,7 +192,7 @@ def wait_then_attempt(op: Op, wake_fd: int) -> int:
             timeout_ms = max(1, int(remaining * 1000 + 0.999))
         for fd, _mask in poller.poll(timeout_ms):
             if fd == wake_fd:
-                _drain_eventfd(wake_fd)
+                drain_eventfd(wake_fd)
         result = attempt(op)
         if result != EAGAIN:
             return result
@@ -210,11 +210,12 @@ def _sleep(op: Op, wake_fd: int) -> int:
         if remaining <= 0:
             return -errno.ECANCELED if cut_short else 0
         if poller.poll(max(1, int(remaining * 1000 + 0.999))):
-            _drain_eventfd(wake_fd)
+            drain_eventfd(wake_fd)
     return -errno.ECANCELED
 
 
-def _drain_eventfd(fd: int) -> None:
+def drain_eventfd(fd: int) -> None:
+    """Reset an eventfd used for wake-ups (it may already be 0: another waiter drained it)."""
     try:
         os.eventfd_read(fd)
     except BlockingIOError:

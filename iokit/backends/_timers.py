@@ -44,5 +44,13 @@ class TimerHeap:
                 due.append((op, is_deadline))
         return due
 
+    def fire(self, backend) -> None:
+        """Settle the due timers: a TIMEOUT op completes with 0; an op whose deadline passed is cancelled."""
+        for op, is_deadline in self.expired():
+            if is_deadline:
+                backend.cancel(op)
+            else:
+                backend._finish(op, 0)
+
     def clear(self) -> None:
         self._heap.clear()

@@ -20,7 +20,7 @@ import weakref
 
 from .._op import Op
 from ._base import Backend
-from ._syscalls import wait_then_attempt
+from ._syscalls import drain_eventfd, wait_then_attempt
 from ._timers import poll_milliseconds
 
 
@@ -87,10 +87,7 @@ class BlockingBackend(Backend):
         poller = select.poll()
         poller.register(wake_fd, select.POLLIN)
         if poller.poll(poll_milliseconds(timeout)):
-            try:
-                os.eventfd_read(wake_fd)
-            except BlockingIOError:
-                pass
+            drain_eventfd(wake_fd)
 
     def wakeup(self) -> None:
         with self._lock:

@@ -32,7 +32,7 @@ import time
 from .._op import FILE_KINDS, Op, OpKind
 from ._base import Backend
 from ._pool import WorkerPool
-from ._syscalls import EAGAIN, attempt, wants_writable
+from ._syscalls import EAGAIN, attempt, drain_eventfd, wants_writable
 from ._timers import TimerHeap
 
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -130,10 +130,7 @@ class EpollBackend(Backend):
         events = self._epoll.poll(-1 if timeout is None else timeout)
         for fd, mask in events:
             if fd == self._wake_fd:
-                try:
-                    os.eventfd_read(self._wake_fd)
-                except BlockingIOError:
-                    pass
+                drain_eventfd(self._wake_fd)
                 continue
             waiters = self._fds.get(fd)
             if waiters is None:
@@ -143,13 +140,8 @@ class EpollBackend(Backend):
             if mask & _WRITABLE:
                 self._retry(waiters.writers)
         if self._pool is not None:
-            for op, result in self._pool.take_completions():
-                self._finish(op, result)
-        for op, is_deadline in self._timers.expired():
-            if is_deadline:
-                self.cancel(op)
-            else:
-                self._finish(op, 0)
+            self._pool.deliver(self)
+        self._timers.fire(self)
 
     def _retry(self, queue: collections.deque[Op]) -> None:
         # Edge-triggered: keep trying the parked ops, in order, until one finds the fd not ready again.

@@ -19,6 +19,7 @@ import time
 from .._op import Op, OpKind
 from ._base import Backend
 from ._pool import WorkerPool
+from ._syscalls import drain_eventfd
 from ._timers import TimerHeap, poll_milliseconds
 
 DEFAULT_MAX_WORKERS = 256
@@ -50,17 +51,9 @@ class ThreadsBackend(Backend):
     def _wait_for_events(self, timeout: float | None) -> None:
         timeout = self._timers.timeout(timeout)
         if self._poller.poll(poll_milliseconds(timeout)):
-            try:
-                os.eventfd_read(self._wake_fd)
-            except BlockingIOError:
-                pass
-        for op, result in self._pool.take_completions():
-            self._finish(op, result)
-        for op, is_deadline in self._timers.expired():
-            if is_deadline:
-                self.cancel(op)
-            else:
-                self._finish(op, 0)
+            drain_eventfd(self._wake_fd)
+        self._pool.deliver(self)
+        self._timers.fire(self)
 
     def wakeup(self) -> None:
         os.eventfd_write(self._wake_fd, 1)
