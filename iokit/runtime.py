@@ -227,7 +227,9 @@ class LoopDriver(_Driver):
     def run(self, main: Task) -> None:
         ready, backend = self._ready, self.backend
         while not main.finished:
-            while ready:
+            # Only the tasks ready now: a task that re-queues itself (a checkpoint loop) waits for the next round, so
+            # I/O and deadlines are looked at between rounds and nobody starves.
+            for _ in range(len(ready)):
                 task, value, exc = ready.popleft()
                 trap = self.step(task, value, exc)
                 if trap is not None:
@@ -248,7 +250,12 @@ class LoopDriver(_Driver):
         if kind == "io":
             op = trap[1]
             op.waiter = task
-            self.backend.submit(op)
+            try:
+                self.backend.submit(op)
+            except Exception as error:  # refused (closed backend, full ring...): the task gets the error
+                op.waiter = None
+                self._ready.append((task, None, error))
+                return
             if op.done:  # finished at once (epoll's first try, a file op inline): no need to wait for wait()
                 op.waiter = None
                 self._ready.append((task, op, None))
@@ -327,10 +334,16 @@ class ThreadDriver(_Driver):
                 return
             kind = trap[0]
             if kind == "io":
-                value, exc = self._perform(task, trap[1]), None
+                try:
+                    value, exc = self._perform(task, trap[1]), None
+                except Exception as error:  # refused by the backend: the task gets the error
+                    value, exc = None, error
             elif kind == "park":
                 value, exc = self._park(task, trap[1])
             elif kind == "yield":
+                if task.scope.effective_deadline() <= time.monotonic():
+                    with LOCK:
+                        task.scope.expire_deadlines(time.monotonic())
                 value, exc = None, (Cancelled() if task.scope.is_cancelled() else None)
             else:
                 value, exc = None, RuntimeError(f"unknown trap {trap!r}")
@@ -351,9 +364,11 @@ class ThreadDriver(_Driver):
             if task.scope.is_cancelled():
                 op.cancel_requested = True
         backend = self.backend
-        backend.submit(op)
-        with LOCK:
-            task._abort = None
+        try:
+            backend.submit(op)
+        finally:
+            with LOCK:
+                task._abort = None
         backend.wait(0)  # collect it from this thread's completed list
         if op.result == _ECANCELED and op.deadline is not None and time.monotonic() >= op.deadline:
             task.scope.expire_deadlines(time.monotonic())
@@ -427,7 +442,7 @@ async def perform(op: Op) -> int:
     if task.scope.is_cancelled():
         raise Cancelled()
     await _traps.io(op)
-    if op.result == _ECANCELED and op.cancel_requested:
+    if op.result == _ECANCELED and (op.cancel_requested or task.scope.is_cancelled()):
         raise Cancelled()
     return check_result(op.result)
 
@@ -437,8 +452,7 @@ async def checkpoint() -> None:
     task = current_task()
     if task.scope.is_cancelled():
         raise Cancelled()
-    if not task.runtime.backend.task_per_thread:
-        await _traps.yield_now()
+    await _traps.yield_now()
 
 
 async def sleep_until(deadline: float) -> None:

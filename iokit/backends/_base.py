@@ -97,8 +97,9 @@ class Backend(abc.ABC):
 
     def wait(self, timeout: float | None = None) -> list[Op]:
         """Return the ops completed since the last call, waiting up to ``timeout`` seconds (None: until at least one
-        completes or ``wakeup()`` is called; 0: do not wait). May return an empty list."""
-        if not self._completed:
+        completes or ``wakeup()`` is called; 0: do not wait). May return an empty list. After ``close()`` it returns
+        the ops that the close drained, then nothing, without waiting."""
+        if not self._completed and not self._closed:
             self._wait_for_events(0 if timeout is not None and timeout <= 0 else timeout)
         done, self._completed = self._completed, []
         return done
@@ -119,7 +120,7 @@ class Backend(abc.ABC):
                     self._request_cancel(op)
             while self._in_flight:
                 self._wait_for_events(0.1)
-            self._completed.clear()
+            # The drained ops stay in self._completed: a last wait() hands them to whoever waits on them.
         finally:
             self._release()
 

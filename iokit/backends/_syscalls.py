@@ -188,6 +188,7 @@ def wait_then_attempt(op: Op, wake_fd: int) -> int:
         if op.deadline is not None:
             remaining = op.deadline - time.monotonic()
             if remaining <= 0:
+                op.cancel_requested = True  # cancelled by its own deadline, as an io_uring linked timeout does
                 return -errno.ECANCELED
             timeout_ms = max(1, int(remaining * 1000 + 0.999))
         for fd, _mask in poller.poll(timeout_ms):
@@ -208,6 +209,7 @@ def _sleep(op: Op, wake_fd: int) -> int:
     while not op.cancel_requested:
         remaining = end - time.monotonic()
         if remaining <= 0:
+            op.cancel_requested = cut_short
             return -errno.ECANCELED if cut_short else 0
         if poller.poll(max(1, int(remaining * 1000 + 0.999))):
             drain_eventfd(wake_fd)
