@@ -41,7 +41,7 @@ import time
 import warnings
 from typing import Any, Iterable
 
-from .._errors import BackendUnavailable
+from .._errors import BackendClosed, BackendUnavailable
 from .._op import Op, OpKind, OpState, _check_fd
 from .._uring_ffi import ffi, lib
 from ._base import ECANCELED, Backend
@@ -154,7 +154,14 @@ class UringBackend(Backend):
 
     def submit_many(self, ops: Iterable[Op]) -> None:
         """Start many ops with one C call per ``BATCH`` ops (and one ``io_uring_enter`` when the SQ has room)."""
-        self._prepare(self._admit_all(ops), submit=True)
+        ready: list[Op] = []
+        try:
+            for op in ops:
+                self._admit(op)
+                if self._ready_for_sqe(op):
+                    ready.append(op)
+        finally:
+            self._prepare(ready, submit=True)  # the ops admitted start even if a later one was refused
 
     def accept_multishot(self, fd: int) -> MultishotOp:
         """Accept connections on listening socket ``fd`` until cancelled; returns the stream (already submitted).
@@ -218,12 +225,15 @@ class UringBackend(Backend):
     # --- Backend hooks ----------------------------------------------------------------------------------------------
 
     def _start(self, op: Op) -> None:
-        self._prepare(self._admit_all((op,), admitted=True), submit=True)
+        if self._ready_for_sqe(op):
+            self._prepare([op], submit=True)
 
     def _request_cancel(self, op: Op) -> None:
         self._cancel(op)
 
     def _wait_for_events(self, timeout: float | None) -> None:
+        if self._ring is None:
+            raise BackendClosed(f"{self.name} backend is closed")
         if self._backlog or self._cancel_backlog:
             self._offer_backlog()
         if self._deadline_timers is not None:
@@ -275,20 +285,10 @@ class UringBackend(Backend):
 
     # --- submission -------------------------------------------------------------------------------------------------
 
-    def _admit_all(self, ops: Iterable[Op], *, admitted: bool = False) -> list[Op]:
-        """Admit ``ops`` and do the per-op work that must precede the SQE; return those that still need one."""
-        ready = []
-        for op in ops:
-            if not admitted:
-                self._admit(op)
-            if op.kind is OpKind.CONNECT or op.kind is OpKind.CLOSE or op.deadline is not None:
-                if not self._before_sqe(op):
-                    continue
-            ready.append(op)
-        return ready
-
-    def _before_sqe(self, op: Op) -> bool:
-        """The rarer kinds' preparation. Returns False if the op was finished here (a bad address)."""
+    def _ready_for_sqe(self, op: Op) -> bool:
+        """Do what must precede an admitted op's SQE (few kinds need anything). False: the op was finished here."""
+        if op.kind is not OpKind.CONNECT and op.kind is not OpKind.CLOSE and op.deadline is None:
+            return True
         if op.kind is OpKind.CONNECT:
             family = lib.iokit_socket_family(op.fd)
             try:
@@ -409,7 +409,7 @@ class UringBackend(Backend):
 
     @staticmethod
     def _describe_connect(descriptor, op: Op):
-        # op.backend_data is the raw sockaddr built by _before_sqe (or, when re-described, the cdata over it).
+        # op.backend_data is the raw sockaddr built by _ready_for_sqe (or, when re-described, the cdata over it).
         keep = op.backend_data if isinstance(op.backend_data, ffi.CData) else ffi.from_buffer(op.backend_data)
         descriptor.addr = keep
         descriptor.len = len(keep)
