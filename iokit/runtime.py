@@ -311,12 +311,11 @@ class ThreadDriver(_Driver):
                 self._threads.discard(threading.current_thread())
 
     def reschedule(self, task: Task, value: Any = None, exc: BaseException | None = None) -> None:
-        with LOCK:
+        with LOCK:  # held while writing: the task's thread closes its eventfd under LOCK when it ends
             task._abort = None
             task._resume = (value, exc)
-            wake_fd = task.wake_fd
-        if wake_fd >= 0:
-            os.eventfd_write(wake_fd, 1)
+            if task.wake_fd >= 0:
+                os.eventfd_write(task.wake_fd, 1)
 
     def call_soon_threadsafe(self, fn: Callable[[], Any]) -> None:
         # Called from signal handlers: run fn on a fresh thread so it never needs a lock this thread may hold.
@@ -326,7 +325,16 @@ class ThreadDriver(_Driver):
         pass  # each thread checks its own deadlines when it waits
 
     def run(self, task: Task) -> None:
-        task.wake_fd = self.backend.thread_wake_fd()
+        # The task's own eventfd (not the backend's): it must outlive a backend closed under a running program.
+        task.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self._drive(task)
+        finally:
+            with LOCK:
+                os.close(task.wake_fd)
+                task.wake_fd = -1
+
+    def _drive(self, task: Task) -> None:
         value, exc = None, None
         while True:
             trap = self.step(task, value, exc)

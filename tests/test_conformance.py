@@ -522,14 +522,9 @@ def test_closing_the_runtime_backend_with_ops_in_flight(run):
     assert run(main) in ("Cancelled", "BackendClosed")
 
 
-def test_the_runtime_keeps_working_after_its_backend_is_closed(run, request):
+def test_the_runtime_keeps_working_after_its_backend_is_closed(run):
     """After close() the tasks can still sleep, time out and wake each other (no op needed), and no stray wake-up
     lands on an fd opened after the close (a closed eventfd's number is reused by the next socket)."""
-    if run.name == "blocking":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "bug: BlockingBackend._release closes the per-thread eventfds that ThreadDriver tasks still use as "
-            "task.wake_fd; after close() a park polls a closed or reused fd, and reschedule() writes 8-byte eventfd "
-            "counters into whatever socket reused the number")))
 
     async def main():
         iokit.current_backend().close()

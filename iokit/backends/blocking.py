@@ -25,13 +25,21 @@ from ._timers import poll_milliseconds
 
 
 class _ThreadState:
-    """Per-thread: the eventfd that interrupts this thread's waits, and its completed ops. The eventfd is closed when
-    the thread ends (its thread-local state dies) or when the backend closes, whichever comes first."""
+    """Per-thread: its completed ops, and the eventfd that interrupts this thread's waits. The eventfd is made on
+    first use (the runtime brings its own per task) and closed when the thread ends (its thread-local state dies) or
+    when the backend closes, whichever comes first."""
 
     def __init__(self) -> None:
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.completed: list[Op] = []
-        self.close = weakref.finalize(self, os.close, self.wake_fd)
+        self.close: weakref.finalize | None = None
+        self._fd = -1
+
+    @property
+    def wake_fd(self) -> int:
+        if self.close is None:
+            self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.close = weakref.finalize(self, os.close, self._fd)
+        return self._fd if self.close.alive else -1
 
 
 class BlockingBackend(Backend):
@@ -39,7 +47,8 @@ class BlockingBackend(Backend):
     task_per_thread = True
 
     def __init__(self, **_options) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the in-flight table
+        self._states_lock = threading.Lock()  # the set of thread states (taken under self._lock too: never the reverse)
         self._local = threading.local()
         self._states: weakref.WeakSet[_ThreadState] = weakref.WeakSet()
         super().__init__()
@@ -62,7 +71,7 @@ class BlockingBackend(Backend):
             return self._local.state
         except AttributeError:
             state = self._local.state = _ThreadState()
-            with self._lock:
+            with self._states_lock:
                 self._states.add(state)
             return state
 
@@ -90,14 +99,15 @@ class BlockingBackend(Backend):
             drain_eventfd(wake_fd)
 
     def wakeup(self) -> None:
-        with self._lock:
+        with self._states_lock:
             states = list(self._states)  # strong references: no eventfd is closed while we write to it
         for state in states:
-            if state.close.alive:
+            if state.close is not None and state.close.alive:
                 os.eventfd_write(state.wake_fd, 1)
 
     def _release(self) -> None:
-        with self._lock:
+        with self._states_lock:
             states = list(self._states)
         for state in states:
-            state.close()
+            if state.close is not None:
+                state.close()
