@@ -4,7 +4,7 @@
 PYTHON      ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
-APT_TEST    := liburing-dev gcc curl wrk
+APT_TEST    := liburing-dev gcc curl wrk apache2-utils
 APT_BENCH   := $(APT_TEST) fio
 BENCH_OUT   ?= bench-results
 

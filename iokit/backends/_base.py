@@ -99,8 +99,11 @@ class Backend(abc.ABC):
         """Return the ops completed since the last call, waiting up to ``timeout`` seconds (None: until at least one
         completes or ``wakeup()`` is called; 0: do not wait). May return an empty list. After ``close()`` it returns
         the ops that the close drained, then nothing, without waiting."""
-        if not self._completed and not self._closed:
-            self._wait_for_events(0 if timeout is not None and timeout <= 0 else timeout)
+        if not self._closed:
+            # Poll even when completions are already waiting (then without blocking): ops that finished inside
+            # submit() must not keep the ones waiting on the kernel from being looked at. That starved connections.
+            must_not_block = self._completed or (timeout is not None and timeout <= 0)
+            self._wait_for_events(0 if must_not_block else timeout)
         done, self._completed = self._completed, []
         return done
 
