@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
+import resource
 import select
 import signal
 import socket
@@ -71,9 +73,13 @@ class Shutdown:
         return self._requested
 
     @contextlib.contextmanager
-    def interruptible(self):
-        """Return a context manager around a wait that stop interrupts; its ``cancelled_caught`` says it was."""
-        scope = iokit.CancelScope()
+    def interruptible(self, timeout: float = math.inf):
+        """Return a context manager around a wait that stop interrupts, and that ends after ``timeout`` seconds.
+
+        It yields the ``CancelScope``: ``scope.cancelled_caught`` says the wait was cut short (by either). One scope
+        for both, since entering a scope is not free and this wraps every wait for a next request.
+        """
+        scope = iokit.CancelScope(deadline=iokit.current_time() + timeout)
         with self._lock:
             self._scopes.add(scope)
             if self._requested:
@@ -166,29 +172,65 @@ def main(make_service: Callable[[argparse.Namespace], Service], parser: argparse
         parser.error("--workers must be at least 1")
     if arguments.workers > 1:
         return _supervise_workers(arguments)
+    return run_service(make_service(arguments), arguments)
+
+
+def run_service(service: Service, arguments: argparse.Namespace, serve_function: Callable | None = None) -> int:
+    """Run ``await serve_function(service, arguments)`` (default: ``serve``) on ``arguments.backend``, in a process set up
+    for ``service.max_connections``. Return its exit code, or 2 when the backend cannot run here (the reason on stderr).
+
+    A server that needs more around ``serve`` (background tasks) passes its own ``serve_function`` that calls ``serve``.
+    """
+    raise_open_file_limit(4 * service.max_connections + 256)
     try:
-        return iokit.run(serve, make_service(arguments), arguments, backend=arguments.backend)
+        # The threads backend holds a worker for every blocking call in progress, and a connection waits in at most two
+        # (a read and a write). A pool smaller than that would let idle connections take every worker and starve the
+        # rest (the model's limit: see backends/threads.py); workers start on demand, so the bound costs nothing idle.
+        # The other backends ignore the option.
+        return iokit.run(serve_function or serve, service, arguments, backend=arguments.backend,
+                         max_workers=2 * service.max_connections + MAX_CONCURRENT_REJECTIONS)
     except iokit.BackendUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
+def raise_open_file_limit(wanted: int) -> None:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (within the hard limit).
+
+    Each connection is a descriptor, and on the blocking backend its thread has a wake-up eventfd too; the default soft
+    limit (often 1024) would cap a server below its own ``max_connections``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                    hard))
+
+
 # -- one process ------------------------------------------------------------------------------------------------------
 
 async def serve(service: Service, arguments: argparse.Namespace) -> int:
-    """Listen, announce, accept until a stop signal, then stop as the module says. Return 0."""
+    """Listen, announce, serve until SIGINT or SIGTERM, then stop as the module says. Return 0."""
     stop = iokit.signal_event(signal.SIGINT, signal.SIGTERM)
     listener = await iokit.open_tcp_listener(arguments.host, arguments.port, reuse_port=arguments.reuse_port)
     _announce(listener.address, iokit.current_backend().name, arguments.ready_fd)
+    await serve_listener(listener, service, stop, arguments.shutdown_grace)
+    return 0
+
+
+async def serve_listener(listener, service: Service, stop, shutdown_grace: float) -> None:
+    """Accept connections on ``listener`` for ``service`` until the ``iokit.Event`` ``stop`` is set; then close idle
+    connections at once, give busy ones ``shutdown_grace`` seconds, cancel the rest, and close the listener.
+
+    This is the server without the process around it, for embedding one in a program or a test.
+    """
     shutdown = Shutdown()
     async with iokit.TaskGroup() as tasks:
         tasks.spawn(_accept_loop, listener, service, shutdown, tasks, name="accept")
         await stop.wait()
         shutdown.begin()
-        with iokit.move_on_after(arguments.shutdown_grace):
+        with iokit.move_on_after(shutdown_grace):
             await shutdown.wait_all_closed()
         tasks.cancel_scope.cancel()
-    return 0
 
 
 def _announce(address: tuple, backend_name: str, ready_fd: int | None) -> None:
@@ -209,6 +251,10 @@ async def _accept_loop(listener, service: Service, shutdown: Shutdown, tasks) ->
                 else:
                     await stream.aclose()
                 continue
+            # Replies are often small and written in pieces (a head, then chunks; a batch of binary replies): without
+            # TCP_NODELAY, Nagle holds a second small write until the first is acknowledged, and the client's delayed
+            # ACK makes that about 40 ms.
+            stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             shutdown._opened()
             tasks.spawn(_run_connection, service, stream, shutdown, name="connection")
     finally:

@@ -25,14 +25,7 @@ from .limits import DEFAULT_LIMITS, HttpLimits
 from .messages import Headers
 from .response import Response
 from .routing import App
+from .server import HttpServer, Request
 
 __all__ = ["App", "BodyIncomplete", "DEFAULT_LIMITS", "Headers", "HttpError", "HttpLimits", "HttpServer", "Request",
            "Response"]
-
-
-def __getattr__(name: str):
-    # The server needs the runtime; the sans-IO parts (parser, framing, routing) import without it.
-    if name in ("HttpServer", "Request"):
-        from . import server
-        return getattr(server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,17 +8,9 @@ on the connection can be trusted, so the server answers and closes.
 
 from __future__ import annotations
 
-import http
 from typing import Iterable
 
-
-def default_error_code(status: int) -> str:
-    """Return the reason phrase of ``status`` in snake case (``431`` -> ``"request_header_fields_too_large"``)."""
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        return "error"
-    return phrase.lower().replace(" ", "_").replace("-", "_").replace("'", "")
+from .status import error_code
 
 
 class HttpError(Exception):
@@ -34,7 +26,7 @@ class HttpError(Exception):
         super().__init__(f"{status} {detail}")
         self.status = status
         self.detail = detail
-        self.error = error or default_error_code(status)
+        self.error = error or error_code(status)
         self.headers = list(headers)
         self.close = close
 
@@ -55,8 +47,11 @@ class BodyIncomplete(Exception):
     """The request body ended before its declared end: the client closed, reset, or stopped sending for too long.
 
     ``bytes_received`` is how many body bytes arrived (and were handed to the handler) before that; an upload handler
-    keeps them. ``reason`` says which of the three happened.
+    keeps them. ``reason`` says which of the three happened: ``CLOSED`` (closed or reset) or ``TIMEOUT``.
     """
+
+    CLOSED = "connection closed"
+    TIMEOUT = "timeout"
 
     def __init__(self, bytes_received: int, reason: str):
         super().__init__(f"request body cut off after {bytes_received} bytes: {reason}")

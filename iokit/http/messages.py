@@ -10,6 +10,11 @@ import dataclasses
 from typing import Iterable, Iterator
 
 
+def comma_separated(values: Iterable[str]) -> list[str]:
+    """Return the elements of comma-separated header ``values`` (RFC 9110 section 5.6.1), stripped and lower-cased."""
+    return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
+
+
 class Headers:
     """An ordered, case-insensitive multi-map of header fields, as received.
 
@@ -21,6 +26,13 @@ class Headers:
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()):
         self._fields = [(name.lower(), value) for name, value in fields]
+
+    @classmethod
+    def from_lowercase(cls, fields: list[tuple[str, str]]) -> "Headers":
+        """Return headers over ``fields`` as given: names already lower-case (the parser's fast path; no copy)."""
+        headers = cls.__new__(cls)
+        headers._fields = fields
+        return headers
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """Return the first value of ``name``, or ``default`` when the field is absent."""
@@ -37,7 +49,7 @@ class Headers:
 
     def get_tokens(self, name: str) -> list[str]:
         """Return the comma-separated list elements of every ``name`` field, stripped and lower-cased."""
-        return [token.strip().lower() for value in self.get_all(name) for token in value.split(",") if token.strip()]
+        return comma_separated(self.get_all(name))
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and any(field_name == name.lower() for field_name, _ in self._fields)

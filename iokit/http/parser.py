@@ -32,7 +32,7 @@ import httptools
 
 from .errors import HttpError
 from .limits import DEFAULT_LIMITS, HttpLimits
-from .messages import END_OF_MESSAGE, BodyChunk, Headers, RequestHead
+from .messages import END_OF_MESSAGE, BodyChunk, Headers, RequestHead, comma_separated
 
 SUPPORTED_VERSIONS = ("1.0", "1.1")
 
@@ -40,6 +40,8 @@ SUPPORTED_VERSIONS = ("1.0", "1.1")
 # do not do (405), rather than speaking another protocol (400).
 _REQUEST_LINE_SHAPE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r?\n")
 _METHOD_CHARACTER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]")
+# The header fields the framing checks read; they are gathered as they arrive rather than searched for afterwards.
+_FRAMING_FIELDS = frozenset({"host", "content-length", "transfer-encoding", "expect"})
 # Bytes the request line of a message adds around its target: method and the " HTTP/1.1\r\n" after the target.
 _REQUEST_LINE_OVERHEAD = len(b"  HTTP/1.1\r\n")
 
@@ -179,11 +181,15 @@ class RequestParser:
         self._target_parts: list[bytes] = []
         self._target_bytes = 0
         self._header_fields: list[tuple[str, str]] = []
+        self._framing_fields: dict[str, list[str]] = {}  # the fields the checks below read, gathered on arrival
         self._header_bytes = 0
         self._head_bytes_fed = 0
+        self._method_name = ""
 
     def _method(self) -> str:
-        return self._parser.get_method().decode("ascii")
+        if not self._method_name:
+            self._method_name = self._parser.get_method().decode("ascii")
+        return self._method_name
 
     def _on_message_begin(self) -> None:
         self._state = _State.HEAD
@@ -203,7 +209,10 @@ class RequestParser:
             self._fail(431, f"more than {self._limits.max_header_fields} header fields")
         if self._header_bytes > self._limits.max_header_bytes:
             self._fail(431, f"the header fields are larger than {self._limits.max_header_bytes} bytes")
-        self._header_fields.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
+        field = (name.decode("latin-1").lower(), value.decode("latin-1").strip(" \t"))
+        self._header_fields.append(field)
+        if field[0] in _FRAMING_FIELDS:
+            self._framing_fields.setdefault(field[0], []).append(field[1])
 
     def _on_headers_complete(self) -> None:
         head = self._check_head()
@@ -216,25 +225,25 @@ class RequestParser:
         version = self._parser.get_http_version()
         if version not in SUPPORTED_VERSIONS:
             self._fail(505, f"HTTP/{version} is not supported; use HTTP/1.1 or HTTP/1.0")
-        headers = Headers(self._header_fields)
-        if version == "1.1" and len(headers.get_all("host")) != 1:
+        framing = self._framing_fields
+        if version == "1.1" and len(framing.get("host", ())) != 1:
             self._fail(400, "an HTTP/1.1 request needs exactly one Host header")
-        chunked = self._check_transfer_encoding(headers, version)
-        content_length = self._check_content_length(headers, chunked)
+        chunked = self._check_transfer_encoding(framing, version)
+        content_length = self._check_content_length(framing, chunked)
         keep_alive = self._parser.should_keep_alive() and method != "CONNECT"
-        expect_continue = version == "1.1" and "100-continue" in headers.get_tokens("expect")
+        expect_continue = version == "1.1" and "100-continue" in comma_separated(framing.get("expect", ()))
         return RequestHead(method=method, target=b"".join(self._target_parts).decode("latin-1"), version=version,
-                           headers=headers, keep_alive=keep_alive, content_length=content_length, chunked=chunked,
-                           expect_continue=expect_continue)
+                           headers=Headers.from_lowercase(self._header_fields), keep_alive=keep_alive,
+                           content_length=content_length, chunked=chunked, expect_continue=expect_continue)
 
-    def _check_transfer_encoding(self, headers: Headers, version: str) -> bool:
-        if "transfer-encoding" not in headers:
+    def _check_transfer_encoding(self, framing: dict[str, list[str]], version: str) -> bool:
+        if "transfer-encoding" not in framing:
             return False
         if version == "1.0":
             self._fail(400, "Transfer-Encoding in an HTTP/1.0 request is faulty framing")
-        if "content-length" in headers:
+        if "content-length" in framing:
             self._fail(400, "Content-Length together with Transfer-Encoding")
-        codings = headers.get_tokens("transfer-encoding")
+        codings = comma_separated(framing["transfer-encoding"])
         unknown = [coding for coding in codings if coding != "chunked"]
         if unknown:
             self._fail(501, f"transfer coding {unknown[0]!r} is not implemented; only 'chunked' is")
@@ -242,8 +251,8 @@ class RequestParser:
             self._fail(400, "Transfer-Encoding must be exactly 'chunked'")
         return True
 
-    def _check_content_length(self, headers: Headers, chunked: bool) -> int | None:
-        values = headers.get_all("content-length")
+    def _check_content_length(self, framing: dict[str, list[str]], chunked: bool) -> int | None:
+        values = framing.get("content-length", ())
         if chunked or not values:
             return None
         if len(values) > 1:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import enum
-import http
 import json
 import time
 from typing import Any, AsyncIterable, Iterable
 
 from .errors import HttpError
+from .status import reason_phrase
 
 SERVER_NAME = "iokit"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -94,11 +94,7 @@ def frame_response(response: Response, *, request_method: str, request_version: 
     when the body must run until close), and ``Connection: keep-alive`` to an HTTP/1.0 client that keeps it.
     Raises ``ValueError`` for a handler's ``Content-Length`` that is not a number or disagrees with a ``bytes`` body.
     """
-    fields = [(name, value) for name, value in response.headers if name.lower() not in _SERVER_OWNED_HEADERS]
-    if response.header("connection") and "close" in response.header("connection").lower():
-        keep_alive = False
-    declared_length = _declared_length(response)
-    fields = [(name, value) for name, value in fields if name.lower() != "content-length"]
+    fields, declared_length, keep_alive = _handler_fields(response, keep_alive)
     streamed = not isinstance(response.body, (bytes, bytearray, memoryview))
     content_length = None
 
@@ -138,13 +134,22 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _declared_length(response: Response) -> int | None:
-    value = response.header("content-length")
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise ValueError(f"invalid Content-Length {value!r} from a handler")
-    return int(value)
+def _handler_fields(response: Response, keep_alive: bool) -> tuple[list[tuple[str, str]], int | None, bool]:
+    """Return the handler's header fields the server passes on, its Content-Length, and ``keep_alive`` updated by its
+    ``Connection: close``. One pass: this runs for every response."""
+    fields = []
+    declared_length = None
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered == "content-length":
+            if not value.strip().isdigit():
+                raise ValueError(f"invalid Content-Length {value!r} from a handler")
+            declared_length = int(value)
+        elif lowered == "connection":
+            keep_alive = keep_alive and "close" not in value.lower()
+        elif lowered not in _SERVER_OWNED_HEADERS:
+            fields.append((name, value))
+    return fields, declared_length, keep_alive
 
 
 def _encode_head(status: int, fields: list[tuple[str, str]]) -> bytes:
@@ -159,11 +164,7 @@ def _encode_head(status: int, fields: list[tuple[str, str]]) -> bytes:
 
 
 def _status_line(status: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    return f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
+    return f"HTTP/1.1 {status} {reason_phrase(status)}\r\n".encode("ascii")
 
 
 _date_cache: tuple[int, bytes] = (0, b"")

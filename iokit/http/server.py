@@ -122,7 +122,7 @@ class HttpServer:
         except HttpError as error:
             response, close = Response.from_error(error), error.close
         except BodyIncomplete as cut:
-            if cut.reason != "timeout":
+            if cut.reason != BodyIncomplete.TIMEOUT:
                 return False  # the client is gone: nobody to answer
             response, close = Response.from_error(HttpError(408, str(cut))), True
         except Exception:
@@ -182,10 +182,8 @@ class _Connection:
     async def _receive_more_head(self) -> bool:
         """Read more of a request head within its time limit. Return ``False`` when the connection should close."""
         if not self.parser.head_in_progress:
-            with self.shutdown.interruptible() as scope:
-                with iokit.move_on_after(self.limits.idle_timeout):
-                    data = await self._receive()
-                    return self._feed(data)
+            with self.shutdown.interruptible(self.limits.idle_timeout):
+                return self._feed(await self._receive())
             return False  # idle too long, or the server is stopping: close quietly, no request was started
         now = iokit.current_time()
         if self._head_started_at is None:
@@ -244,12 +242,14 @@ class _Connection:
         if data is None or not data:
             self.must_close = True
             self.peer_closed = data is not None
-            raise BodyIncomplete(request.body_bytes_received, "timeout" if data is None else "connection closed")
+            raise BodyIncomplete(request.body_bytes_received,
+                                 BodyIncomplete.TIMEOUT if data is None else BodyIncomplete.CLOSED)
         self.parser.feed(data)
 
     async def wait_disconnected(self, request: Request) -> None:
-        if not request.body_complete:
+        if request.head.has_body and not request.body_complete:
             raise RuntimeError("wait_disconnected() is for after the body was read")
+        await self.read_body_chunk(request)  # a request without a body: take its end-of-message marker
         buffered = 0
         while not self.peer_closed:
             data = await self._receive()
@@ -260,7 +260,7 @@ class _Connection:
             self.parser.feed(data)
             buffered += len(data)
             if buffered > self.limits.drain_body_bytes:
-                await iokit.Event().wait()  # cannot tell any more without reading further: wait to be cancelled
+                await iokit.sleep_forever()  # cannot tell any more without reading further: wait to be cancelled
 
     async def _discard_rest_of_body(self, request: Request) -> bool:
         """Read and drop what the handler left of the body. Return ``False`` if that failed (then we close)."""
