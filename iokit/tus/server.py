@@ -1,0 +1,133 @@
+"""The tus routes on the shared HTTP core, and the process around them (the store's lifespan).
+
+Each handler checks the request in the order tus (and tusd) give the statuses, so that a request refused for one reason
+is not also half-processed for another: first the protocol version (412: the request must then not be processed at
+all), then the headers' own shape (415, 400), then the upload (404, 410), then what the request would do to it (403,
+423, 409, 413), and only then the body. The store does the work; these functions only translate between headers and
+store calls.
+
+``GET /files/{id}`` is not part of tus (tusd offers it too): it downloads a finished upload, so a client can check what
+it sent, and it does not ask for ``Tus-Resumable`` (a browser or curl may fetch it).
+
+The HTTP core serves connections; the upload store also needs a task of its own (the flusher and the expiry sweep) and a
+last flush when the server stops. ``serve_uploads`` wraps ``iokit.serve.serve`` with that, until the core's service
+interface has a lifespan hook of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import iokit
+
+from .. import serve
+from ..http import App, HttpServer, Response
+from . import protocol
+from .protocol import TUS_VERSION, tus_error, upload_path
+from .store import Upload, UploadStore
+
+
+def _state_headers(store: UploadStore, upload: Upload) -> list[tuple[str, str]]:
+    """The headers that tell where an upload stands, on HEAD and PATCH answers."""
+    headers = [("Tus-Resumable", TUS_VERSION), ("Upload-Offset", str(upload.offset)),
+               ("Upload-Length", str(upload.length)), ("Iokit-Durable-Offset", str(upload.durable_offset))]
+    expires_at = store.expires_at(upload)
+    if expires_at is not None:
+        headers.append(("Upload-Expires", protocol.http_date(expires_at)))
+    return headers
+
+
+class UploadHandlers:
+    """The handlers of the tus routes over one ``UploadStore``."""
+
+    def __init__(self, store: UploadStore):
+        self.store = store
+
+    async def options(self, request) -> Response:
+        return Response(204, headers=protocol.options_headers(self.store.limits.max_upload_bytes))
+
+    async def create(self, request) -> Response:
+        headers = request.headers
+        protocol.check_tus_resumable(headers.get("tus-resumable"))
+        limits = self.store.limits
+        concat = protocol.parse_concat(headers.get("upload-concat"))
+        metadata = protocol.parse_metadata(headers.get("upload-metadata"), limits.max_metadata_bytes)
+        if "upload-defer-length" in headers:
+            raise tus_error(400, "defer_length_unsupported", "this server needs Upload-Length at creation")
+        if concat is not None and concat.kind == "final":
+            if "upload-length" in headers:
+                raise tus_error(400, "invalid_upload_length", "a final upload's length is the sum of its parts; "
+                                                              "do not send Upload-Length")
+            upload = await self.store.concatenate(concat.part_ids, metadata)
+        else:
+            length = protocol.parse_upload_length(headers.get("upload-length"), limits.max_upload_bytes)
+            upload = await self.store.create(length, metadata, concat)
+        response_headers = [("Location", upload_path(upload.id)), *_state_headers(self.store, upload)]
+        return Response(201, headers=response_headers)
+
+    async def head(self, request) -> Response:
+        protocol.check_tus_resumable(request.headers.get("tus-resumable"))
+        upload = await self.store.lookup(request.path_params["upload_id"])
+        headers = [*_state_headers(self.store, upload), ("Cache-Control", "no-store")]
+        if upload.metadata:
+            headers.append(("Upload-Metadata", protocol.encode_metadata(upload.metadata)))
+        if upload.concat is not None:
+            headers.append(("Upload-Concat", upload.concat.header_value()))
+        return Response(200, headers=headers)
+
+    async def patch(self, request) -> Response:
+        headers = request.headers
+        protocol.check_tus_resumable(headers.get("tus-resumable"))
+        protocol.check_patch_content_type(headers.get("content-type"))
+        offset = protocol.parse_upload_offset(headers.get("upload-offset"))
+        checksum = protocol.parse_checksum(headers.get("upload-checksum"))
+        upload = await self.store.lookup(request.path_params["upload_id"])
+        async with self.store.patch(upload, offset, request.head.content_length, checksum) as chunk:
+            async for piece in request.body():
+                await chunk.write(piece)
+            await chunk.complete()
+        return Response(204, headers=_state_headers(self.store, upload))
+
+    async def delete(self, request) -> Response:
+        protocol.check_tus_resumable(request.headers.get("tus-resumable"))
+        upload = await self.store.lookup(request.path_params["upload_id"])
+        await self.store.delete(upload)
+        return Response(204, headers=[("Tus-Resumable", TUS_VERSION)])
+
+    async def download(self, request) -> Response:
+        upload = await self.store.lookup(request.path_params["upload_id"])
+        pieces = await self.store.download(upload)
+        return Response(200, pieces, headers=[("Content-Length", str(upload.length)), ("Cache-Control", "no-store")],
+                        content_type="application/octet-stream")
+
+
+def build_app(store: UploadStore) -> App:
+    """Return the routes of the upload server over ``store``."""
+    handlers = UploadHandlers(store)
+    app = App()
+    collection = protocol.COLLECTION_PATH
+    one_upload = collection + "/{upload_id}"
+    app.add_route("OPTIONS", collection, handlers.options)
+    app.add_route("POST", collection, handlers.create)
+    app.add_route("HEAD", one_upload, handlers.head)
+    # The body of a PATCH is streamed to disk; the upload's own length bounds it (413), not the 1 MiB default.
+    app.add_route("PATCH", one_upload, handlers.patch, max_body_size=None)
+    app.add_route("DELETE", one_upload, handlers.delete)
+    app.add_route("GET", one_upload, handlers.download)
+    return app
+
+
+async def serve_uploads(store: UploadStore, service: HttpServer, arguments: argparse.Namespace) -> int:
+    """Load ``store``, serve ``service`` as ``iokit.serve.serve`` does (until SIGINT/SIGTERM), with the store's
+    housekeeping running alongside; then make every accepted byte durable. Return the exit code (0)."""
+    await store.open()
+    try:
+        async with iokit.TaskGroup() as tasks:
+            tasks.spawn(store.run_housekeeping, name="upload-housekeeping")
+            try:
+                return await serve.serve(service, arguments)
+            finally:
+                tasks.cancel_scope.cancel()
+    finally:
+        await store.close()
+
