@@ -8,7 +8,7 @@ APT_TEST    := liburing-dev gcc curl wrk apache2-utils
 APT_BENCH   := $(APT_TEST) fio
 BENCH_OUT   ?= bench-results
 
-.PHONY: all test test-fast bench sanitize apt-test apt-bench build info clean
+.PHONY: all test test-all bench sanitize apt-test apt-bench build info clean
 
 all: build
 
@@ -42,10 +42,11 @@ build: apt-test $(VENV)/.built
 
 test: build
 	$(PY) -m iokit info
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
 
-test-fast: build
-	$(PY) -m pytest -q -x -m "not slow"
+# Everything, including the long scale, durability and fuzz runs.
+test-all: build
+	$(PY) -m pytest -q
 
 bench: apt-bench $(VENV)/.built
 	$(PY) -m iokit.bench --quick --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
