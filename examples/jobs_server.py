@@ -1,0 +1,215 @@
+"""Short and long polling of long-running jobs, over HTTP/1.1 on iokit's shared core.
+
+    POST /jobs                {"duration_ms": N, "fail": bool}: 202, Location, Retry-After: 1, the job's monitor
+                              (Idempotency-Key: the same key and request give the same job; another request, 409)
+    GET  /jobs/{id}           the monitor (short poll; Retry-After: 1 until the job has ended)
+    GET  /jobs/{id}?wait=S&version=V
+                              long poll: held until the job's version is not V, the job ends, or S seconds pass
+                              (default 30, at most 60, plus a little jitter); always 200 with the monitor
+    POST /jobs/{id}/cancel    202 and the canceled monitor (409 if it already succeeded or failed)
+    GET  /stats               jobs, queued, running, held: what the server holds now
+
+Every job response has an ``ETag`` (the job's version) and ``Cache-Control: no-store``. The rules (states, versions,
+retention, queue limit, idempotency keys, the registry of held requests) are in ``iokit.patterns.jobs``; the limits in
+``iokit.patterns.limits`` (each a flag: ``--retention-seconds``, ``--max-held-requests``...). Here is the part that
+runs:
+
+* **One runner task** advances the job table at its next deadline (a job ends, a finished job expires), and is woken
+  early when a job is added or canceled. Jobs are timers on the runtime: no thread or task sleeps per job.
+* **A held request** registers its wake-up, *then* reads the job (so a change in between is not missed), then waits on
+  its connection (``request.wait_disconnected()``: a receive that returns end of stream when the client leaves) until
+  the client leaves, its time is up, the server stops, or a change of the job cancels the wait, whichever comes first.
+  It is unregistered on the way out in every case. A woken request answers with the monitor its wake-up brought,
+  without going back to the table.
+
+Run: ``python examples/jobs_server.py --backend epoll --port 8080``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import threading
+
+import iokit
+from iokit import serve
+from iokit.http import App, HttpError, HttpLimits, HttpServer, Response
+from iokit.patterns import serving
+from iokit.patterns.jobs import (IdempotencyConflict, InvalidJobRequest, JobError, JobFinished, JobGone, JobNotFound,
+                                 JobTable, QueueFull, TooManyWaiters, Waiter, WaiterRegistry, check_idempotency_key,
+                                 parse_job_request, parse_long_poll)
+from iokit.patterns.limits import JobLimits
+
+NO_STORE = ("Cache-Control", "no-store")
+POLL_AGAIN_AFTER = ("Retry-After", "1")
+
+# How each refusal of the job table reaches the client: status and error code.
+_ERRORS: dict[type, tuple[int, str]] = {
+    InvalidJobRequest: (400, "invalid_request"),
+    JobNotFound: (404, "not_found"),
+    JobGone: (410, "gone"),
+    JobFinished: (409, "job_finished"),
+    IdempotencyConflict: (409, "idempotency_conflict"),
+    QueueFull: (503, "queue_full"),
+    TooManyWaiters: (503, "too_many_waiters"),
+}
+
+
+def http_error(error: JobError) -> HttpError:
+    """Return the ``HttpError`` for a refusal of the job table (503s say when to retry)."""
+    status, code = _ERRORS[type(error)]
+    headers = []
+    if status == 503:
+        headers.append(("Retry-After", str(getattr(error, "retry_after", 1))))
+    return HttpError(status, str(error), error=code, headers=headers)
+
+
+def monitor_response(monitor: dict, status: int, *extra_headers: tuple[str, str]) -> Response:
+    return Response.json(monitor, status, headers=[("ETag", f'"{monitor["version"]}"'), NO_STORE, *extra_headers])
+
+
+class JobsServer:
+    """The job table, the held requests, the runner, and the routes that use them."""
+
+    def __init__(self, limits: JobLimits, stop: serving.ServerStop):
+        self.limits = limits
+        self.stop = stop
+        # Two locks, always taken one at a time or table-then-waiters (a table change notifies waiters), never the
+        # other way round. On ``blocking`` the handlers are threads; elsewhere the locks are never contended.
+        self._table_lock = threading.Lock()
+        self._waiters_lock = threading.Lock()
+        self._to_wake: list[Waiter] = []  # notified under the table lock, woken once it is released
+        self.waiters = WaiterRegistry(limits.max_held_requests)
+        self.table = JobTable(limits, on_change=self._notify_waiters)
+        self._runner_wakeup = iokit.Event()
+        self.app = App()
+        self.app.add_route("POST", "/jobs", self.create_job, max_body_size=limits.max_request_bytes)
+        self.app.add_route("GET", "/jobs/{job_id}", self.get_job)
+        self.app.add_route("POST", "/jobs/{job_id}/cancel", self.cancel_job)
+        self.app.add_route("GET", "/stats", self.stats)
+
+    # -- routes ------------------------------------------------------------------------------------------------------
+
+    async def create_job(self, request) -> Response:
+        body = await request.read_body()
+        try:
+            key = check_idempotency_key(request.headers.get("idempotency-key"), self.limits)
+            job_request = parse_job_request(body, self.limits)
+            with self._locked_table() as table:
+                job, created = table.submit(job_request, iokit.current_time(), key)
+                monitor = job.monitor()
+        except JobError as error:
+            raise http_error(error) from None
+        self._runner_wakeup.set()
+        headers = [("Location", f"/jobs/{monitor['id']}"), POLL_AGAIN_AFTER]
+        if not created:
+            headers.append(("Idempotent-Replayed", "true"))
+        return monitor_response(monitor, 202, *headers)
+
+    async def get_job(self, request) -> Response:
+        job_id = request.path_params["job_id"]
+        try:
+            long_poll = parse_long_poll(request.query, self.limits, jitter=random.random())
+            if long_poll is None:
+                monitor = self._monitor(job_id)
+                terminal = monitor["status"] in ("succeeded", "failed", "canceled")
+                return monitor_response(monitor, 200, *(() if terminal else (POLL_AGAIN_AFTER,)))
+            return monitor_response(await self._hold(request, job_id, long_poll), 200)
+        except JobError as error:
+            raise http_error(error) from None
+
+    async def cancel_job(self, request) -> Response:
+        try:
+            with self._locked_table() as table:
+                monitor = table.cancel(request.path_params["job_id"], iokit.current_time()).monitor()
+        except JobError as error:
+            raise http_error(error) from None
+        self._runner_wakeup.set()
+        return monitor_response(monitor, 202)
+
+    async def stats(self, request) -> Response:
+        with self._locked_table() as table:
+            table.advance(iokit.current_time())
+            counts = {"jobs": len(table), "queued": table.queued, "running": table.running}
+        with self._waiters_lock:
+            counts["held"] = self.waiters.held
+        return Response.json(counts, headers=[NO_STORE])
+
+    # -- holding -----------------------------------------------------------------------------------------------------
+
+    async def _hold(self, request, job_id: str, long_poll) -> dict:
+        """Return the job's monitor once it differs from the version asked about, or when the wait is over."""
+        # One wait, on the client's connection: it returns if the client leaves, and a change of the job cancels it.
+        # So a held request is one task and one pending receive (one thread on ``blocking``), and waking it is one
+        # cancel, rather than an event plus a second task watching the connection.
+        woken = iokit.CancelScope()
+        with self._waiters_lock:
+            waiter = self.waiters.register(job_id, woken.cancel)  # first register, then look: no change slips between
+        try:
+            monitor = self._monitor(job_id)
+            seen = monitor["version"] if long_poll.version is None else long_poll.version
+            if monitor["version"] != seen or monitor["status"] in ("succeeded", "failed", "canceled"):
+                return monitor
+            await request.read_body()  # (empty for a GET) the end of the request must be read to see the end of stream
+            with woken, iokit.move_on_after(long_poll.wait_seconds), self.stop.interruptible():
+                await request.wait_disconnected()
+        finally:
+            if waiter.registered:  # not if a change already took it out (read without the lock: notify clears it)
+                with self._waiters_lock:
+                    self.waiters.unregister(waiter)
+        # Woken by a change: answer with the monitor it came with. The table is not read again, so a thousand woken
+        # requests do not queue on its lock, and a job dropped since (a short retention) is still answered.
+        # Otherwise (time is up, the server stops, the client left) the job has not changed: read it as it is.
+        return waiter.news if waiter.woken else self._monitor(job_id)
+
+    def _monitor(self, job_id: str) -> dict:
+        with self._locked_table() as table:
+            return table.get(job_id, iokit.current_time()).monitor()
+
+    @contextlib.contextmanager
+    def _locked_table(self):
+        """Return a context manager giving the table under its lock; the long polls its changes woke are woken once
+        the lock is released, so that a woken request (at once a running thread on ``blocking``) finds it free."""
+        self._table_lock.acquire()
+        try:
+            yield self.table
+        finally:
+            to_wake, self._to_wake = self._to_wake, []
+            self._table_lock.release()
+            for waiter in to_wake:
+                waiter.wake()
+
+    def _notify_waiters(self, job) -> None:
+        # Called by the table, under the table lock, after each version change.
+        with self._waiters_lock:
+            self._to_wake += self.waiters.notify(job.id, job.monitor())
+
+    # -- the runner --------------------------------------------------------------------------------------------------
+
+    async def run_jobs(self) -> None:
+        """Advance the table at each of its deadlines, and whenever a job is added or canceled. Runs until cancelled."""
+        while True:
+            self._runner_wakeup.clear()  # before advancing: a job added after this sets it again, and is not missed
+            with self._locked_table() as table:
+                table.advance(iokit.current_time())
+                deadline = table.next_deadline()
+            with iokit.CancelScope(deadline=math.inf if deadline is None else deadline):
+                await self._runner_wakeup.wait()
+
+
+def make_service(arguments) -> serving.HoldingService:
+    stop = serving.ServerStop()
+    jobs = JobsServer(serve.limits_from_arguments(arguments, JobLimits), stop)
+    http = HttpServer(jobs.app, serve.limits_from_arguments(arguments, HttpLimits))
+    return serving.HoldingService(http, stop, background=[jobs.run_jobs])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = serving.argument_parser(__doc__.splitlines()[0], JobLimits, held=JobLimits.max_held_requests)
+    return serving.main(make_service, parser, argv, held=lambda arguments: arguments.max_held_requests)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Push with Server-Sent Events, over HTTP/1.1 on iokit's shared core.
+
+    GET  /events?topic=T           a text/event-stream: ``retry: 2000``, then the events after Last-Event-ID (or
+                                   ``event: reset`` if they have left the ring), then live events (``id: N`` and one
+                                   line of JSON ``data:``), with ``: ping`` after 15 s of silence
+    POST /topics/T/messages        a JSON body (at most 4 KiB): 202 ``{"id", "topic", "delivered"}``, and the event
+                                   goes to every subscriber of T
+    GET  /stats                    subscribers, latest_id, oldest_id
+
+``--slow disconnect`` (the default) ends the stream of a subscriber whose queue overflows: it reconnects with its
+Last-Event-ID and gets what it missed from the ring. ``--slow drop`` drops its oldest queued events instead and tells it
+with ``event: gap`` (``{"dropped": N}``). A write that makes no progress for 10 s (``--send-timeout``) ends the
+connection either way. Past 1024 subscribers a new one gets ``retry: 5000`` and the end of its stream.
+
+The rules (ring, queues, policies, wire format) are in ``iokit.patterns.sse``, the limits in ``iokit.patterns.limits``
+(each a flag: ``--ping-interval``, ``--max-subscribers``...). Here is the part that runs: each stream is the response
+body of its request, an async generator that waits for its subscriber's queue (or the ping time, the stop, or the
+client's disconnect) and hands the server all that waits, in one write.
+
+Run: ``python examples/push_server.py --backend epoll --port 8080``, then
+``curl -N 'http://127.0.0.1:8080/events?topic=t'``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import iokit
+from iokit import serve
+from iokit.http import App, HttpError, HttpLimits, HttpServer, Response
+from iokit.patterns import serving
+from iokit.patterns.limits import PushLimits
+from iokit.patterns.sse import (PING, Broker, InvalidMessage, SlowPolicy, Subscriber, TooManySubscribers,
+                                check_topic, format_retry, parse_last_event_id, parse_message)
+
+STREAM_HEADERS = (("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"))
+
+
+class PushServer:
+    """The broker and the routes that use it."""
+
+    def __init__(self, limits: PushLimits, policy: SlowPolicy, stop: serving.ServerStop):
+        self.limits = limits
+        self.stop = stop
+        # On ``blocking`` publishers and streams are threads; elsewhere this lock is never contended.
+        self._lock = threading.Lock()
+        self.broker = Broker(limits, policy)
+        self.app = App()
+        self.app.add_route("GET", "/events", self.events)
+        self.app.add_route("POST", "/topics/{topic}/messages", self.publish, max_body_size=limits.max_message_bytes)
+        self.app.add_route("GET", "/stats", self.stats)
+
+    # -- routes ------------------------------------------------------------------------------------------------------
+
+    async def events(self, request) -> Response:
+        try:
+            topic = check_topic(request.query.get("topic", ""), self.limits)
+        except InvalidMessage as error:
+            raise HttpError(400, str(error), error="invalid_topic") from None
+        if request.method == "HEAD":
+            return Response(200, _nothing(), headers=STREAM_HEADERS)
+        with self._lock:
+            full = self.broker.subscribers >= self.limits.max_subscribers
+        if full:
+            return self._turned_away()
+        last_event_id = parse_last_event_id(request.headers.get("last-event-id"))
+        return Response(200, self._stream(request, topic, last_event_id), headers=STREAM_HEADERS)
+
+    async def publish(self, request) -> Response:
+        try:
+            topic = check_topic(request.path_params["topic"], self.limits)
+            data = parse_message(await request.read_body())
+        except InvalidMessage as error:
+            raise HttpError(400, str(error), error="invalid_message") from None
+        with self._lock:
+            event, delivered = self.broker.publish(topic, data)
+        return Response.json({"id": event.seq, "topic": topic, "delivered": delivered}, 202)
+
+    async def stats(self, request) -> Response:
+        with self._lock:
+            ring = self.broker.ring
+            counts = {"subscribers": self.broker.subscribers, "latest_id": ring.latest_seq,
+                      "oldest_id": ring.oldest_seq}
+        return Response.json(counts, headers=[("Cache-Control", "no-store")])
+
+    # -- a stream ----------------------------------------------------------------------------------------------------
+
+    def _turned_away(self) -> Response:
+        # A 200 stream that only says "come back in 5 s" and ends: an EventSource reconnects after the retry delay,
+        # whereas an error status would make it give up for good.
+        return Response(200, format_retry(self.limits.full_retry_ms),
+                        headers=[*STREAM_HEADERS, ("Connection", "close")])
+
+    async def _stream(self, request, topic: str, last_event_id: int | None):
+        """The body of one event stream. It subscribes when the server starts sending it (not in the handler), so that
+        a stream the server never sends is never registered, and unsubscribes however it ends."""
+        wake = iokit.Event()
+        try:
+            with self._lock:
+                subscriber, start = self.broker.subscribe(topic, last_event_id, wake.set)
+        except TooManySubscribers:  # filled up since the handler looked
+            yield format_retry(self.limits.full_retry_ms)
+            return
+        try:
+            yield start
+            async with serving.watching_disconnect(request, lambda: self._end(subscriber, "disconnected")):
+                while (chunk := await self._next_chunk(subscriber, wake)) is not None:
+                    yield chunk
+        finally:
+            with self._lock:
+                self.broker.unsubscribe(subscriber)
+
+    async def _next_chunk(self, subscriber: Subscriber, wake: iokit.Event) -> bytes | None:
+        """Return what to send next (queued events, a gap notice, or a ping after ``ping_interval`` of silence), or
+        ``None`` when the stream must end (overflow with policy disconnect, the client left, the server stops)."""
+        with self.stop.interruptible():
+            with iokit.move_on_after(self.limits.ping_interval):
+                while True:
+                    with self._lock:
+                        if subscriber.closed is not None:
+                            return None
+                        chunk = subscriber.take()
+                        if chunk:
+                            return chunk
+                        wake.clear()  # under the lock a publisher takes before it wakes us: no wake-up is lost
+                    await wake.wait()
+            return PING
+        return None
+
+    def _end(self, subscriber: Subscriber, reason: str) -> None:
+        with self._lock:
+            subscriber.close(reason)
+
+
+async def _nothing():
+    return
+    yield  # an empty async generator: HEAD gets a stream's head with no body
+
+
+def make_service(arguments) -> serving.HoldingService:
+    stop = serving.ServerStop()
+    limits = serve.limits_from_arguments(arguments, PushLimits)
+    push = PushServer(limits, SlowPolicy(arguments.slow), stop)
+    http = HttpServer(push.app, serve.limits_from_arguments(arguments, HttpLimits))
+    return serving.HoldingService(http, stop, background=[], send_buffer_bytes=limits.send_buffer_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = serving.argument_parser(__doc__.splitlines()[0], PushLimits, held=PushLimits.max_subscribers)
+    parser.add_argument("--slow", choices=[policy.value for policy in SlowPolicy], default=SlowPolicy.DISCONNECT.value,
+                        help="what to do with a subscriber whose queue is full: end its stream (it resumes from the "
+                             "ring) or drop its oldest events and send 'event: gap' (default: disconnect)")
+    return serving.main(make_service, parser, argv, held=lambda arguments: arguments.max_subscribers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
