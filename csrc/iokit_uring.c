@@ -185,6 +185,12 @@ static void prep_op(struct iokit_ring *r, const struct iokit_op *op)
 		sqe->flags |= IOSQE_BUFFER_SELECT;
 		sqe->buf_group = RECV_BUFFER_GROUP;
 		break;
+	case IOKIT_RECV_SELECT:
+		/* No buffer is tied up while the socket is idle: the kernel picks one when data arrives. */
+		io_uring_prep_recv(sqe, op->fd, NULL, op->len, (int)op->flags);
+		sqe->flags |= IOSQE_BUFFER_SELECT;
+		sqe->buf_group = RECV_BUFFER_GROUP;
+		break;
 	case IOKIT_SEND:
 		io_uring_prep_send(sqe, op->fd, op->addr, op->len, (int)op->flags | MSG_NOSIGNAL);
 		break;
@@ -225,7 +231,7 @@ static int prepare(struct iokit_ring *r, const struct iokit_op *ops, unsigned co
 
 	/* Check the whole batch first, so that a bad descriptor leaves no half-prepared batch behind. */
 	for (i = 0; i < count; i++)
-		if (ops[i].kind > IOKIT_CANCEL || ops[i].id > IOKIT_MAX_ID)
+		if (ops[i].kind > IOKIT_RECV_SELECT || ops[i].id > IOKIT_MAX_ID)
 			return -EINVAL;
 	for (i = 0; i < count; i++) {
 		/* An op and its linked timeout must be adjacent in the SQ: reserve both slots at once. */

@@ -32,6 +32,7 @@ enum {
 	IOKIT_ACCEPT_MULTISHOT = 16, /* one request, a CQE per connection */
 	IOKIT_RECV_MULTISHOT = 17,   /* one request, a CQE per chunk, in a buffer of the provided buffer ring */
 	IOKIT_CANCEL = 18,           /* ask the kernel to cancel the op whose id is `id` */
+	IOKIT_RECV_SELECT = 19,      /* one recv into a buffer the kernel takes from the provided buffer ring */
 };
 
 /* Op ids are below 2^56: the top byte of user_data tags the SQEs this file adds on its own. */

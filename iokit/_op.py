@@ -42,7 +42,8 @@ class OpKind(enum.IntEnum):
     CLOSE = 8
     ACCEPT = 9      # -> fd of the new connection (non-blocking, close-on-exec)
     CONNECT = 10    # -> 0
-    RECV = 11       # recv(fd, buffer, flags) -> bytes received, 0 at end of stream
+    RECV = 11       # recv(fd, buffer, flags) -> bytes received, 0 at end of stream; with no buffer (``receive``)
+                    # the backend picks one only when data arrives and leaves the bytes in ``op.data``
     SEND = 12       # send(fd, buffer, flags | MSG_NOSIGNAL) -> bytes sent
     SHUTDOWN = 13
     TIMEOUT = 14    # completes with 0 after ``timeout`` seconds
@@ -68,17 +69,21 @@ _READING_KINDS = frozenset({OpKind.READ, OpKind.READV, OpKind.RECV, OpKind.ACCEP
 class Op:
     """One I/O request. Build it with the functions of this module (``read_at``, ``recv_into``, ...)."""
 
-    __slots__ = ("kind", "fd", "buffer", "buffers", "offset", "flags", "path", "mode", "address", "timeout",
+    __slots__ = ("kind", "fd", "buffer", "buffers", "size", "data", "offset", "flags", "path", "mode", "address",
+                 "timeout",
                  "deadline", "state", "result", "id", "cancel_requested", "waiter", "wake_fd", "backend_data",
                  "user_data", "__weakref__")
 
     def __init__(self, kind: OpKind, fd: int = -1, *, buffer: memoryview | None = None,
-                 buffers: tuple[memoryview, ...] = (), offset: int = 0, flags: int = 0, path: bytes = b"",
+                 buffers: tuple[memoryview, ...] = (), size: int = 0, offset: int = 0, flags: int = 0,
+                 path: bytes = b"",
                  mode: int = 0, address: Any = None, timeout: float = 0.0, user_data: Any = None):
         self.kind = kind
         self.fd = fd
         self.buffer = buffer
         self.buffers = buffers
+        self.size = size          # RECV without a buffer: the most bytes to receive
+        self.data = b""           # RECV without a buffer: the bytes received
         self.offset = offset
         self.flags = flags
         self.path = path
@@ -105,7 +110,7 @@ class Op:
         """How many bytes the op may move (0 for ops without a buffer)."""
         if self.buffer is not None:
             return self.buffer.nbytes
-        return sum(b.nbytes for b in self.buffers)
+        return sum(b.nbytes for b in self.buffers) or self.size
 
     def value(self) -> int:
         """Return the result of a finished op, or raise the ``OSError`` its ``-errno`` stands for."""
@@ -229,13 +234,24 @@ def recv_into(fd: int, buffer: Any, flags: int = 0) -> Op:
     return Op(OpKind.RECV, _check_fd(fd), buffer=view, flags=flags)
 
 
-def recv(fd: int, size: int, flags: int = 0) -> Op:
-    """Receive up to ``size`` bytes into a new buffer (``op.buffer``); result: bytes received."""
+def _check_size(size: int) -> int:
     if not isinstance(size, int) or isinstance(size, bool):
         raise TypeError(f"size must be an int, not {type(size).__name__}")
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
-    return recv_into(fd, bytearray(size), flags)
+    return size
+
+
+def recv(fd: int, size: int, flags: int = 0) -> Op:
+    """Receive up to ``size`` bytes into a new buffer (``op.buffer``); result: bytes received."""
+    return recv_into(fd, bytearray(_check_size(size)), flags)
+
+
+def receive(fd: int, max_bytes: int, flags: int = 0) -> Op:
+    """Receive up to ``max_bytes`` into a buffer the backend picks only once data has arrived; the bytes are in
+    ``op.data``. A connection waiting for data then holds no buffer (io_uring: a provided buffer ring; the others
+    read with os.read once the socket is readable). Result: bytes received, 0 at end of stream."""
+    return Op(OpKind.RECV, _check_fd(fd), size=_check_size(max_bytes), flags=flags)
 
 
 def send(fd: int, data: Any, flags: int = 0) -> Op:

@@ -56,10 +56,11 @@ class SocketStream(_AsyncClosing):
         return self.socket.fileno()
 
     async def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
-        """Receive up to ``max_bytes``; ``b""`` when the peer has closed its side."""
-        buffer = bytearray(max_bytes)
-        count = await perform(ops.recv_into(self.fileno(), buffer))
-        return memoryview(buffer)[:count].tobytes()  # the op may still hold a view: copy rather than resize
+        """Receive up to ``max_bytes``; ``b""`` when the peer has closed its side. No buffer is held while waiting:
+        the backend takes one only once data has arrived (``ops.receive``), so an idle connection costs no buffer."""
+        op = ops.receive(self.fileno(), max_bytes)
+        await perform(op)
+        return op.data
 
     async def recv_into(self, buffer: Any) -> int:
         """Receive into ``buffer``; return the byte count (0 at end of stream)."""

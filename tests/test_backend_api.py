@@ -176,6 +176,42 @@ def test_cancel_of_a_recv_whose_data_arrived_loses_no_byte(backend):
         b.close()
 
 
+def test_receive_gets_its_bytes_without_a_buffer_of_its_own(backend):
+    """ops.receive holds no buffer while it waits: the bytes appear in op.data, 0 and b"" at end of stream."""
+    a, b = idle_socketpair()
+    try:
+        waiting = ops.receive(a.fileno(), 4096)
+        pending = Pending(backend, waiting)
+        assert waiting.buffer is None
+        b.send(b"hello")
+        assert pending.finish() == [waiting]
+        assert (waiting.value(), waiting.data) == (5, b"hello")
+        b.close()
+        at_end = ops.receive(a.fileno(), 4096)
+        Pending(backend, at_end).finish()
+        assert (at_end.value(), at_end.data) == (0, b"")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_uring_receive_without_a_buffer_ring_falls_back_to_a_buffer_of_its_own():
+    """The fallback path of ops.receive on uring (no provided buffer ring): same result, through a private buffer."""
+    if not next(info for info in iokit.backends() if info.name == "uring").available:
+        pytest.skip("uring is unavailable here")
+    a, b = idle_socketpair()
+    try:
+        with iokit.open_backend("uring", features={"buffer_ring": False, "multishot_recv": False}) as backend:
+            b.send(b"x" * 3000)
+            op = ops.receive(a.fileno(), 2048)
+            backend.submit(op)
+            assert collect(backend, [op]) == [op]
+            assert (op.value(), op.data) == (2048, b"x" * 2048)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_cancel_of_finished_op_is_a_no_op(backend):
     a, b = idle_socketpair()
     try:

@@ -101,6 +101,8 @@ def attempt(op: Op) -> int:
     kind = op.kind
     try:
         if kind is OpKind.RECV:
+            if op.buffer is None:
+                return _receive_new_bytes(op)
             return os.readv(op.fd, (op.buffer,)) if not op.flags else _recv_flags(op)
         if kind is OpKind.SEND:
             return _send(op)
@@ -153,6 +155,19 @@ def _send(op: Op) -> int:
         return sock.send(op.buffer, op.flags)
     finally:
         sock.detach()
+
+
+def _receive_new_bytes(op: Op) -> int:
+    # os.read allocates after the data is there to read (no zero-filled buffer waits with the op), then shrinks.
+    if not op.flags:
+        op.data = os.read(op.fd, op.size)
+    else:
+        sock = _borrow_socket(op.fd)
+        try:
+            op.data = sock.recv(op.size, op.flags)
+        finally:
+            sock.detach()
+    return len(op.data)
 
 
 def _recv_flags(op: Op) -> int:

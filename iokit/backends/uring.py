@@ -67,7 +67,7 @@ _KERNEL_FACTS = {
 }
 
 BATCH = 256                   # descriptors per C call
-RECV_BUFFER_COUNT = 64        # provided buffers shared by every multishot recv (a power of two)
+RECV_BUFFER_COUNT = 128       # provided buffers shared by multishot recvs and ops.receive (a power of two)
 RECV_BUFFER_SIZE = 16384
 _MAX_TRANSFER = 0x7FFFF000    # the kernel's MAX_RW_COUNT: larger reads and writes are short, as with pread(2)
 # CQE flags, from the kernel's ABI (include/uapi/linux/io_uring.h).
@@ -385,6 +385,13 @@ class UringBackend(Backend):
             descriptor.kind = lib.IOKIT_RECV_MULTISHOT  # the kernel picks a provided buffer per chunk
             descriptor.flags = op.flags
             return None
+        if op.buffer is None and op.size:  # ops.receive: no buffer of its own
+            if self.features["buffer_ring"]:
+                descriptor.kind = lib.IOKIT_RECV_SELECT  # the kernel takes a provided buffer when data arrives
+                descriptor.len = min(op.size, RECV_BUFFER_SIZE)
+                descriptor.flags = op.flags
+                return None
+            op.buffer = memoryview(bytearray(op.size))  # fallback: a buffer of its own, as ops.recv_into
         return self._describe_buffer(descriptor, op)
 
     @staticmethod
@@ -459,6 +466,8 @@ class UringBackend(Backend):
                 self._stream_completion(op, result, cqe_flags[index])
             elif result == _ETIME and op.kind is OpKind.TIMEOUT:
                 finish(op, 0)  # a TIMEOUT's expiry is its success
+            elif op.size and op.kind is OpKind.RECV:
+                self._receive_completion(op, result, cqe_flags[index])
             else:
                 finish(op, result)
         if self._reported:
@@ -494,7 +503,19 @@ class UringBackend(Backend):
         else:
             self._finish(op, result)
 
-    def _received_bytes(self, op: MultishotOp, size: int, cqe_flags: int) -> bytes:
+    def _receive_completion(self, op: Op, result: int, cqe_flags: int) -> None:
+        """An ``ops.receive`` completed: its bytes go to ``op.data`` (copied out of the provided buffer, which the next
+        call into the ring gives back to the kernel)."""
+        if result == _ENOBUFS and not op.cancel_requested:
+            # Every provided buffer was lent out in this round: they return on the next call, so try again then.
+            self._rearms += 1
+            self._prepare([op], submit=False)
+            return
+        if result > 0:
+            op.data = self._received_bytes(op, result, cqe_flags)
+        self._finish(op, result)
+
+    def _received_bytes(self, op: Op, size: int, cqe_flags: int) -> bytes:
         if cqe_flags & _CQE_F_BUFFER:
             # A provided buffer: ours until the next call into the ring, which gives it back to the kernel.
             buffer_id = cqe_flags >> _CQE_BUFFER_SHIFT
