@@ -8,6 +8,8 @@ Layout, one concern per module:
 * ``processes``: child processes pinned to their cores and measured (CPU, context switches, peak RSS).
 * ``cbuild`` + ``csrc/``: the C load generator and the C echo servers, compiled on the fly into a cache.
 * Workload families: ``file_io`` (+ ``file_worker``, ``fio``), ``echo`` (+ ``loadgen``, ``servers``,
-  ``echo_server``, ``asyncio_echo``), ``http_load`` (+ ``wrk_report.lua``), ``patterns``.
-* Output: ``results`` (rows and JSON), ``report`` (the table), ``plots`` (PNGs), ``progress`` (the live line).
+  ``echo_server``, ``asyncio_echo``), ``http_load`` (+ ``wrk_report.lua``), ``patterns`` (``waiting_clients``,
+  ``uploads``, ``updates``).
+* Output: ``results`` (rows and JSON), ``report`` (the table), ``plots`` (PNGs; ``python -m iokit.bench.plots
+  RUN.json OUT.png`` redraws a saved run), ``progress`` (the live line).
 """

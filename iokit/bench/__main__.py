@@ -55,6 +55,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     tuning.add_argument("--message-sizes", help="comma-separated echo message sizes in bytes (default 64,16384)")
     tuning.add_argument("--file-size-mib", type=int)
     tuning.add_argument("--idle-clients", type=int, help="waiting clients for the memory row")
+    tuning.add_argument("--upload-mib", type=int, help="size of one upload")
+    tuning.add_argument("--upload-chunks-kib", help="comma-separated upload chunk sizes in KiB (default 64,1024)")
+    tuning.add_argument("--update-clients", type=int, help="clients waiting for updates")
+    tuning.add_argument("--update-rate", type=float, help="updates per second")
+    tuning.add_argument("--updates-seconds", type=float, help="length of the updates schedule")
     tuning.add_argument("--data-dir", type=Path, help="where the test files go (default: the cache directory)")
     return parser.parse_args(argv)
 
@@ -84,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = make_settings(args.quick, args.data_dir, warmup_s=args.warmup_seconds, run_s=args.run_seconds,
                              runs=args.runs, connections=_numbers(args.connections),
                              message_sizes=_numbers(args.message_sizes), file_size_mib=args.file_size_mib,
-                             idle_clients=args.idle_clients)
+                             idle_clients=args.idle_clients, upload_mib=args.upload_mib,
+                             upload_chunks_kib=_numbers(args.upload_chunks_kib), update_clients=args.update_clients,
+                             update_rate=args.update_rate, updates_seconds=args.updates_seconds)
     cores = plan_cores()
-    os.sched_setaffinity(0, cores.load)   # the harness sleeps while measuring; keep it off the measured core
     machine = describe_machine(cores, ["python -m iokit.bench", *argv])
+    os.sched_setaffinity(0, cores.load)   # the harness sleeps while measuring; keep it off the measured core
     report = Report(machine, settings.to_json())
 
     selected = _list(args.backends)
@@ -118,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         run.progress.note("interrupted: the table and files below hold what was measured so far")
     run.progress.finish()
+    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     ratio_references = {k: v for family in FAMILIES for k, v in family.RATIO_REFERENCES.items()}
     print()

@@ -30,6 +30,11 @@ class Settings:
     queue_depths: tuple[int, ...]       # file reads kept in flight
     fsync_every: tuple[int, ...]        # sequential writes per fsync
     idle_clients: int                   # waiting clients for the memory-per-client workload
+    upload_mib: int                     # size of one upload in the upload workload
+    upload_chunks_kib: tuple[int, ...]  # chunk sizes swept in the upload workload
+    update_clients: int                 # clients waiting for updates (short/long polling, push)
+    update_rate: float                  # updates produced per second, all clients together
+    updates_seconds: float              # length of the updates schedule
     data_dir: Path                      # where the test files live (must allow O_DIRECT for those rows)
 
     def to_json(self) -> dict:
@@ -37,15 +42,17 @@ class Settings:
 
 
 PROFILES = {
-    "full": dict(warmup_s=1.0, run_s=1.0, runs=5, file_size_mib=1024, idle_clients=10000),
-    "quick": dict(warmup_s=0.2, run_s=0.3, runs=3, file_size_mib=256, idle_clients=1000),
+    "full": dict(warmup_s=1.0, run_s=1.0, runs=5, file_size_mib=1024, idle_clients=10000, upload_mib=64,
+                 update_clients=256, update_rate=256, updates_seconds=10),
+    "quick": dict(warmup_s=0.2, run_s=0.3, runs=3, file_size_mib=256, idle_clients=1000, upload_mib=8,
+                  update_clients=32, update_rate=32, updates_seconds=2),
 }
 
 
 def make_settings(quick: bool, data_dir: Path | None = None, **overrides) -> Settings:
     """The quick or full profile, with any knob in ``overrides`` that is not None replacing the profile's value."""
     values = dict(connections=(1, 16, 64, 256), message_sizes=(64, 16384), pipeline_depth=16, queue_depths=(1, 32),
-                  fsync_every=(1, 32), **PROFILES["quick" if quick else "full"])
+                  fsync_every=(1, 32), upload_chunks_kib=(64, 1024), **PROFILES["quick" if quick else "full"])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(quick=quick, data_dir=data_dir or cache_dir() / "data", **values)
 

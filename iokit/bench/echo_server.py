@@ -1,6 +1,6 @@
 """Our echo server on the iokit runtime: the server of the socket workloads, one process per backend.
 
-    python -m iokit.bench.echo_server --backend NAME [--host 127.0.0.1] [--port 0]
+    python -m iokit.bench.echo_server --backend NAME [--host 127.0.0.1] [--port 0] [--buffer-bytes 65536]
 
 It is written the way an iokit application is: the shared example-server plumbing (``iokit.serve``: the ready line
 ``listening on HOST:PORT backend=NAME``, a task per connection, a clean stop on SIGINT/SIGTERM) and, per connection,
@@ -19,16 +19,23 @@ import sys
 
 from iokit import serve
 
-BUFFER_SIZE = 65536
+DEFAULT_BUFFER_BYTES = 65536
 
 
 class EchoService:
-    """Sends every byte back. No connection limit beyond the process's file descriptors."""
+    """Sends every byte back. No connection limit beyond the process's file descriptors.
+
+    Each connection owns a receive buffer of ``buffer_bytes``, held while it waits for its next message (a pending
+    receive needs its buffer on every backend), so the waiting-clients workload runs this server with a small one.
+    """
 
     max_connections = 1_000_000
 
+    def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_BYTES):
+        self.buffer_bytes = buffer_bytes
+
     async def handle_connection(self, stream, shutdown) -> None:
-        buffer = bytearray(BUFFER_SIZE)
+        buffer = bytearray(self.buffer_bytes)
         view = memoryview(buffer)
         while True:
             received = await stream.recv_into(buffer)
@@ -42,8 +49,10 @@ class EchoService:
 
 def main(argv: list[str] | None = None) -> int:
     parser = serve.argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--buffer-bytes", type=int, default=DEFAULT_BUFFER_BYTES,
+                        help=f"receive buffer per connection (default: {DEFAULT_BUFFER_BYTES})")
     parser.set_defaults(port=0, shutdown_grace=1.0)
-    return serve.main(lambda arguments: EchoService(), parser, argv)
+    return serve.main(lambda arguments: EchoService(arguments.buffer_bytes), parser, argv)
 
 
 if __name__ == "__main__":

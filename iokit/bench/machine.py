@@ -116,6 +116,7 @@ def describe_machine(cores: CorePlan, command: list[str]) -> dict:
         "virtualization": _virtualization(),
         "memory_gib": _memory_gib(),
         "pinning": cores.description,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "python_executable": sys.executable,
         "io_uring_disabled_sysctl": _read("/proc/sys/kernel/io_uring_disabled"),
@@ -137,4 +138,5 @@ def machine_summary(machine: dict) -> str:
             f"{machine['python']}  liburing {machine['liburing'] or 'not installed'}  "
             f"{machine['fio'] or 'fio not installed'}  wrk {'yes' if machine['wrk'] else 'not installed'}  "
             f"uvloop {machine['uvloop'] or 'not installed'}\n"
-            f"{machine['pinning']}")
+            f"{machine['pinning']}; load average {' '.join(map(str, machine['load_average_at_start']))} "
+            f"(other work on this machine disturbs the figures)")

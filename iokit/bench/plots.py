@@ -1,13 +1,18 @@
 """PNG plots of a run, one file per workload family, named after the ``--plot`` path: ``bench.png`` gives
-``bench-echo.png``, ``bench-file.png``, ``bench-http.png``, ``bench-waiting.png``.
+``bench-echo.png``, ``bench-file.png``, ``bench-http.png``, ``bench-waiting.png``, ``bench-upload.png``,
+``bench-updates.png``.
 
 Each backend keeps one colour in every plot; references are drawn dashed (grey shades, the C ceiling in black) so that
 ours stand out and the bar they are measured against stays visible. Connection counts are on a log scale (1 to 256),
 latencies too (they span from tens of microseconds to tens of milliseconds).
+
+``python -m iokit.bench.plots RUN.json OUT.png`` redraws the plots of a saved run.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -70,7 +75,7 @@ def _line_panel(axes, results: list[Result], x_key: str, y, *, title: str, ylabe
 
 
 def _legend_below(figure, axes_list) -> None:
-    handles, labels = {}, {}
+    handles = {}
     for axes in axes_list:
         for handle, label in zip(*axes.get_legend_handles_labels()):
             handles.setdefault(label, handle)
@@ -160,11 +165,16 @@ def plot_waiting(pyplot, results: list[Result], machine: dict, path: Path) -> No
     figure, grid = pyplot.subplots(1, 2, figsize=(12, 5.5), squeeze=False)
     memory, latency = grid[0]
     values = {r.backend: r.extra.get("rss_per_waiting_client_kib") or 0 for r in held}
-    memory.bar(range(len(backends)), [values.get(b, 0) for b in backends],
-               color=[_style(b)["color"] for b in backends])
+    heights = [max(values.get(b, 0), 0) for b in backends]
+    bars = memory.bar(range(len(backends)), heights, color=[_style(b)["color"] for b in backends])
+    memory.bar_label(bars, labels=[f"{values[b]:.3g}" if b in values else "failed" for b in backends],
+                     fontsize=9)
+    positive = [h for h in heights if h > 0]
+    if positive and max(positive) / min(positive) > 50:   # a thread per client dwarfs the rest: log scale
+        memory.set_yscale("log")
     memory.set_xticks(range(len(backends)))
     memory.set_xticklabels(backends, rotation=30, ha="right")
-    memory.set_ylabel("server RSS per waiting client (KiB)")
+    memory.set_ylabel("server RSS per waiting client (KiB)" + (", log" if memory.get_yscale() == "log" else ""))
     count = held[0].params["waiting"] if held else 0
     memory.set_title(f"memory per waiting client ({count} waiting)", fontsize=11)
     memory.grid(True, axis="y", alpha=0.3)
@@ -185,16 +195,82 @@ def plot_waiting(pyplot, results: list[Result], machine: dict, path: Path) -> No
     pyplot.close(figure)
 
 
+def plot_upload(pyplot, results: list[Result], machine: dict, path: Path) -> None:
+    chunks = sorted({r.params["chunk_kib"] for r in results})
+    backends = _sorted_backends({r.backend for r in results})
+    figure, grid = pyplot.subplots(1, len(chunks), figsize=(max(9, 6 * len(chunks)), 5.5), squeeze=False)
+    width = 0.4
+    for axes, chunk in zip(grid[0], chunks):
+        for offset, durability in enumerate(("sync", "async")):
+            rate = {r.backend: r.extra.get("mib_per_s", 0) for r in results
+                    if r.params["chunk_kib"] == chunk and r.params["durability"] == durability}
+            bars = axes.bar([i + offset * width for i in range(len(backends))], [rate.get(b, 0) for b in backends],
+                            width, color=[_style(b)["color"] for b in backends], edgecolor="white",
+                            hatch="//" if durability == "sync" else None, label=durability)
+            axes.bar_label(bars, fmt="%.0f", fontsize=8)
+        axes.set_xticks([i + width / 2 for i in range(len(backends))])
+        axes.set_xticklabels(backends)
+        axes.set_title(f"{format_bytes(chunk << 10)} chunks (hatched: sync, plain: async)", fontsize=11)
+        axes.set_ylabel("MiB/s")
+        axes.grid(True, axis="y", alpha=0.3)
+    _title(figure, "upload throughput: sync vs async durability", machine)
+    figure.tight_layout(rect=(0, 0, 1, 0.88))
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+def _grouped_bars(axes, results: list[Result], groups: list[str], group_of, value, *, log_y: bool = False) -> None:
+    """Bars of ``value(result)`` per backend (colour), grouped along x by ``group_of(result)``."""
+    backends = _sorted_backends({r.backend for r in results})
+    width = 0.8 / max(len(backends), 1)
+    for index, backend in enumerate(backends):
+        values = {group_of(r): value(r) for r in results if r.backend == backend}
+        axes.bar([position + index * width for position in range(len(groups))],
+                 [values.get(group, 0) for group in groups], width, label=backend, color=_style(backend)["color"])
+    axes.set_xticks([position + width * (len(backends) - 1) / 2 for position in range(len(groups))])
+    axes.set_xticklabels(groups)
+    if log_y:
+        axes.set_yscale("log")
+    axes.grid(True, axis="y", alpha=0.3)
+
+
+def plot_updates(pyplot, results: list[Result], machine: dict, path: Path) -> None:
+    modes = [mode for mode in ("short", "long", "push") if any(r.params["mode"] == mode for r in results)]
+    figure, grid = pyplot.subplots(1, 3, figsize=(16, 5.5), squeeze=False)
+    latency, requests, wire = grid[0]
+    _grouped_bars(latency, results, modes, lambda r: r.params["mode"], lambda r: r.p50_us / 1000, log_y=True)
+    latency.set_title("event-to-client latency, p50 (ms, log)", fontsize=11)
+    _grouped_bars(requests, results, modes, lambda r: r.params["mode"], lambda r: r.extra["requests_per_event"])
+    requests.set_title("HTTP requests per update", fontsize=11)
+    _grouped_bars(wire, results, modes, lambda r: r.params["mode"], lambda r: r.extra["bytes_per_event"])
+    wire.set_title("bytes on the wire per update", fontsize=11)
+    sample = results[0].params
+    _title(figure, f"{sample['clients']} clients, {sample['rate']:g} updates/s: short polling vs long polling vs push",
+           machine)
+    _legend_below(figure, grid.flat)
+    figure.tight_layout(rect=(0, 0.07, 1, 0.9))
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
 PLOTTERS = {
     "echo": (("echo",), plot_echo),
     "file": (("file-randread", "file-write"), plot_file),
     "http": (("http",), plot_http),
     "waiting": (("waiting-clients",), plot_waiting),
+    "upload": (("upload",), plot_upload),
+    "updates": (("updates",), plot_updates),
 }
 
 
 def plot_paths(path: Path) -> dict[str, Path]:
     return {name: path.with_name(f"{path.stem}-{name}{path.suffix or '.png'}") for name in PLOTTERS}
+
+
+def load_report(path: Path) -> Report:
+    """A ``Report`` back from the JSON a run wrote (to redraw its plots)."""
+    data = json.loads(path.read_text())
+    return Report(data["machine"], data.get("settings", {}), [Result(**r) for r in data["results"]])
 
 
 def write_plots(report: Report, path: Path) -> list[Path]:
@@ -210,3 +286,7 @@ def write_plots(report: Report, path: Path) -> list[Path]:
             written.append(target)
     return written
 
+
+if __name__ == "__main__":   # python -m iokit.bench.plots RUN.json OUT.png: redraw a run's plots
+    for written in write_plots(load_report(Path(sys.argv[1])), Path(sys.argv[2])):
+        print(f"plot: {written}")

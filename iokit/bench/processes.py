@@ -6,9 +6,10 @@ Why each piece is done the way it is:
   the mask; setting it from outside after start would miss threads already running.
 * **CPU seconds** come from psutil (``/proc/PID/stat``), which is process-wide and keeps the time of threads that
   have exited.
-* **Context switches** are summed over the live threads in ``/proc/PID/task``: psutil's ``num_ctx_switches`` reads
-  only the main thread, which would miss every worker thread of the ``blocking`` and ``threads`` backends. Threads that
-  exited during a measurement take their count with them, so the figure is a floor; snapshots are taken while the
+* **Context switches** are counted per thread from ``/proc/PID/task``: psutil's ``num_ctx_switches`` reads only the
+  main thread, which would miss every worker thread of the ``blocking`` and ``threads`` backends. An interval's count
+  is, for each thread alive at its end, what it added since the start (all of it for a thread born meanwhile). A thread
+  that exited during the interval takes its count with it, so the figure is a floor; snapshots are taken while the
   load's connections (and so the blocking backend's threads) are still open.
 * **Peak RSS** is ``VmHWM``, reset before each measurement by writing 5 to ``/proc/PID/clear_refs`` so that one long
   lived server reports the peak of each workload, not of its whole life. Where the reset is refused, the peak is the
@@ -42,10 +43,19 @@ class Usage:
     cpu_s: float
     context_switches: int
     peak_rss_kib: int
+    switches_by_thread: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __sub__(self, earlier: "Usage") -> "Usage":
-        # Peak RSS is not a counter: the later peak is the peak of the interval (it was reset at its start).
-        return Usage(self.cpu_s - earlier.cpu_s, self.context_switches - earlier.context_switches, self.peak_rss_kib)
+        # Context switches per thread alive now (see the module docstring). Peak RSS is not a counter: the later
+        # peak is the peak of the interval (it was reset at its start).
+        if not self.switches_by_thread:   # figures reported by a tool (fio, a worker's getrusage): plain counters
+            return Usage(self.cpu_s - earlier.cpu_s, self.context_switches - earlier.context_switches,
+                         self.peak_rss_kib)
+        switches = 0
+        for tid, count in self.switches_by_thread.items():
+            previous = earlier.switches_by_thread.get(tid, 0)
+            switches += count - previous if count >= previous else count   # smaller: a new thread reusing the id
+        return Usage(self.cpu_s - earlier.cpu_s, switches, self.peak_rss_kib)
 
 
 class ProcessGone(RuntimeError):
@@ -96,7 +106,7 @@ def _status_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
 def measure(pid: int) -> Usage:
     """Snapshot of ``pid``'s CPU time, context switches (summed over its threads) and peak RSS."""
     times = psutil.Process(pid).cpu_times()
-    switches = 0
+    by_thread = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -104,9 +114,10 @@ def measure(pid: int) -> Usage:
     for tid in tids:
         fields = _status_fields(f"/proc/{pid}/task/{tid}/status",
                                 ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
-        switches += sum(fields.values())
+        if fields:
+            by_thread[int(tid)] = sum(fields.values())
     peak = _status_fields(f"/proc/{pid}/status", ("VmHWM",)).get("VmHWM", 0)
-    return Usage(times.user + times.system, switches, peak)
+    return Usage(times.user + times.system, sum(by_thread.values()), peak, by_thread)
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -163,10 +174,11 @@ class Server:
         self.check_alive()
         return measure(self.pid)
 
-    def stderr_tail(self, limit: int = 600) -> str:
+    def stderr_tail(self, lines: int = 2, limit: int = 400) -> str:
+        """The last lines the server wrote on stderr (where an error message ends), on one line."""
         self._stderr.seek(0)
         text = self._stderr.read().decode(errors="replace").strip()
-        return text[-limit:] if text else "(no output on stderr)"
+        return " / ".join(text.splitlines()[-lines:])[-limit:] if text else "(no output on stderr)"
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in ``timeout`` seconds. Returns the exit status."""

@@ -21,6 +21,8 @@ TITLES = {
     "echo": "socket echo: C load generator on the other core; ops = messages echoed",
     "http": "HTTP keep-alive GET / against examples/http_server.py",
     "waiting-clients": "waiting clients: memory per idle connection, and a ping-pong client's latency beside them",
+    "updates": "N clients told of updates at a fixed rate: ops = updates delivered; latency = event to client",
+    "upload": "tus upload over one connection; ops = chunks acknowledged (sync: after fdatasync; async: from memory)",
 }
 BACKEND_ORDER = ("blocking", "threads", "epoll", "uring")
 
@@ -46,7 +48,10 @@ def format_number(value: float | None, digits: int = 3) -> str:
 
 
 def format_bytes(size: int) -> str:
-    return f"{size // 1024}KiB" if size >= 1024 and size % 1024 == 0 else f"{size}B"
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
 
 
 def describe_params(params: dict) -> str:
@@ -58,7 +63,7 @@ def describe_params(params: dict) -> str:
         elif key == "message_bytes":
             parts.append(format_bytes(value))
         elif key == "mode":
-            parts.append(value if value == "pingpong" else f"{value} x{params.get('depth', '?')}")
+            parts.append(f"{value} x{params['depth']}" if params.get("depth", 1) > 1 else value)
         elif key == "depth":
             continue
         elif key == "cache":
@@ -71,6 +76,14 @@ def describe_params(params: dict) -> str:
             parts.append(f"{value} waiting")
         elif key == "request":
             continue
+        elif key == "clients":
+            parts.append(f"{value} clients")
+        elif key == "rate":
+            parts.append(f"{value:g}/s")
+        elif key == "durability":
+            parts.append(value)
+        elif key == "chunk_kib":
+            parts.append(f"{format_bytes(value << 10)} chunks")
         else:
             parts.append(f"{key}={value}")
     return " ".join(parts)
@@ -86,6 +99,11 @@ def _extra_columns(workload: str) -> list[tuple[str, callable]]:
     if workload == "waiting-clients":
         return [("KiB/client", lambda r: format_number(r.extra.get("rss_per_waiting_client_kib"))),
                 ("threads", lambda r: format_number(r.extra.get("threads")))]
+    if workload == "upload":
+        return [("MiB/s", lambda r: format_number(r.extra.get("mib_per_s")))]
+    if workload == "updates":
+        return [("req/event", lambda r: format_number(r.extra.get("requests_per_event"))),
+                ("bytes/event", lambda r: format_number(r.extra.get("bytes_per_event")))]
     return []
 
 
@@ -146,6 +164,10 @@ def render(report: Report, ratio_references: dict[str, tuple[str, ...]]) -> str:
         by_workload[result.workload].append(result)
     for workload, results in by_workload.items():
         blocks.append(render_block(workload, results, ratio_references.get(workload, ())))
+    noted = [f"  {r.workload} [{describe_params(r.params)}] on {r.backend}: {note}"
+             for r in report.results for note in r.notes if "stalled" in note or "error" in note]
+    if noted:
+        blocks.append("== notes on measured rows\n" + "\n".join(noted))
     if report.skipped:
         blocks.append(render_skipped(report))
     return "\n\n".join(blocks)

@@ -81,6 +81,9 @@ def summarize(workload: str, backend: str, params: dict, runs: list[RunSample], 
     else:
         cpu_s, switches = None, None
     per_run = [run.ops / run.seconds if run.seconds > 0 else 0.0 for run in runs]
+    notes = list(notes or [])
+    if not total_ops:
+        notes.append("no operation completed in the timed runs: the server (or the machine) stalled")
     return Result(
         workload=workload, backend=backend, params=params,
         ops_per_s=round(statistics.median(per_run), 1),
@@ -92,7 +95,7 @@ def summarize(workload: str, backend: str, params: dict, runs: list[RunSample], 
         context_switches_per_op=None if switches is None or not total_ops else round(switches / total_ops, 4),
         peak_rss_kib=peak_rss_kib,
         runs_ops_per_s=[round(x, 1) for x in per_run],
-        notes=list(notes or []),
+        notes=notes,
         extra=dict(extra or {}),
     )
 

@@ -5,8 +5,9 @@ Protocol server under the default loop and under uvloop, and our C servers on ep
 
 The sweep starts every server first (each in its own process, pinned to the measured core), then walks the
 configurations and, for each, measures every server in turn. Compared rows are thus measured minutes apart at most,
-not a whole family apart; idle servers sleep in their event loops and cost nothing meanwhile. A server that fails to
-start, or dies, loses its remaining rows with the reason; the others go on.
+not a whole family apart; idle servers sleep in their event loops and cost nothing meanwhile. Each server is stopped
+right after its last configuration. A server that fails to start, or dies, loses its remaining rows with the reason;
+the others go on.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class ServerSpec:
     reason: str = ""            # why not
 
 
-def echo_server_specs(run: BenchRun) -> list[ServerSpec]:
-    """Our echo server on each backend being measured, then the references wanted and present."""
+def echo_server_specs(run: BenchRun, buffer_bytes: int | None = None) -> list[ServerSpec]:
+    """Our echo server on each backend being measured (with ``buffer_bytes`` of receive buffer per connection, when
+    given), then the references wanted and present."""
+    buffer_option = ["--buffer-bytes", str(buffer_bytes)] if buffer_bytes else []
     specs = [ServerSpec(backend, python_module_command("iokit.bench.echo_server", "--backend", backend,
-                                                       "--host", HOST, "--port", "0"))
+                                                       "--host", HOST, "--port", "0", *buffer_option))
              for backend in run.backends]
     if run.wants_reference("asyncio"):
         specs.append(ServerSpec("ref:asyncio", python_module_command("iokit.bench.asyncio_echo", "--loop", "asyncio",
@@ -82,6 +85,7 @@ def sweep(run: BenchRun, workload: str, specs: list[ServerSpec], configurations:
                 run.skip(workload, spec.name, f"did not start: {exc}")
                 run.progress.total -= len(configurations)
         for index, params in enumerate(configurations):
+            last = index == len(configurations) - 1
             for spec in specs:
                 server = servers.get(spec.name)
                 if server is None:
@@ -94,4 +98,8 @@ def sweep(run: BenchRun, workload: str, specs: list[ServerSpec], configurations:
                     del servers[spec.name]
                     run.progress.total -= len(configurations) - index - 1
                 except (RuntimeError, OSError) as exc:
-                    run.skip(workload, spec.name, f"failed: {exc}", params)
+                    run.skip(workload, spec.name, f"failed: {str(exc) or type(exc).__name__}", params)
+                if last and spec.name in servers:
+                    # Done with it: stop it now, so that what it still holds (10,000 threads winding down, say)
+                    # does not weigh on the servers measured after it on the same core.
+                    servers.pop(spec.name).stop()

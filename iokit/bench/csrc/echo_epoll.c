@@ -96,22 +96,28 @@ int main(int argc, char **argv)
 {
     struct echo_options options = echo_parse_options(argc, argv, "ref:c-epoll");
     struct epoll_event events[256];
-    echo_install_stop_signals();
+    static char stop_marker;   /* data.ptr of the signalfd: an address no connection has */
+    int stop_fd = echo_stop_signal_fd();
     int listen_fd = echo_open_listener(&options, 1);
     int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event listen_event = {.events = EPOLLIN, .data.ptr = NULL};
+    struct epoll_event stop_event = {.events = EPOLLIN, .data.ptr = &stop_marker};
     epoll_ctl(epoll_fd, EPOLL_CTL_ADD, listen_fd, &listen_event);
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, stop_fd, &stop_event);
 
-    while (!echo_stop_requested) {
+    for (int stopping = 0; !stopping;) {
         int count = epoll_wait(epoll_fd, events, 256, -1);
         for (int i = 0; i < count; i++) {
             if (events[i].data.ptr == NULL)
                 accept_all(epoll_fd, listen_fd);
+            else if (events[i].data.ptr == &stop_marker)
+                stopping = 1;
             else
                 on_ready(epoll_fd, events[i].data.ptr, events[i].events);
         }
     }
     close(epoll_fd);
     close(listen_fd);
+    close(stop_fd);
     return 0;
 }

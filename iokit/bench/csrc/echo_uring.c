@@ -8,17 +8,18 @@
  * loop turn are one io_uring_enter. A short send resubmits the rest before the next recv, so replies stay in order.
  *
  * user_data is the connection's address with the op kind in its low two bits (a connection is at least 8-byte
- * aligned); the accept uses the null connection.
+ * aligned); the accept and the poll on the stop signalfd use the null connection.
  */
 #define _GNU_SOURCE   /* SOCK_CLOEXEC and the GNU socket flags */
 #include <liburing.h>
+#include <poll.h>
 #include <stdint.h>
 
 #include "echo_common.h"
 
 #define RING_ENTRIES 4096
 
-enum op_kind { OP_ACCEPT = 0, OP_RECV = 1, OP_SEND = 2 };
+enum op_kind { OP_ACCEPT = 0, OP_RECV = 1, OP_SEND = 2, OP_STOP = 3 };
 
 struct connection {
     int fd;
@@ -28,6 +29,7 @@ struct connection {
 };
 
 static struct io_uring ring;
+static int stopping;
 
 /* Get an SQE, flushing the submission queue to the kernel first if it is full. */
 static struct io_uring_sqe *get_sqe(void)
@@ -50,6 +52,13 @@ static void arm_accept(int listen_fd)
     struct io_uring_sqe *sqe = get_sqe();
     io_uring_prep_multishot_accept(sqe, listen_fd, NULL, NULL, SOCK_CLOEXEC);
     tag(sqe, NULL, OP_ACCEPT);
+}
+
+static void arm_stop(int stop_fd)
+{
+    struct io_uring_sqe *sqe = get_sqe();
+    io_uring_prep_poll_add(sqe, stop_fd, POLLIN);
+    tag(sqe, NULL, OP_STOP);
 }
 
 static void queue_recv(struct connection *connection)
@@ -81,6 +90,9 @@ static void on_completion(int listen_fd, const struct io_uring_cqe *cqe)
     int result = cqe->res;
 
     switch (kind) {
+    case OP_STOP:
+        stopping = 1;
+        return;
     case OP_ACCEPT:
         if (!(cqe->flags & IORING_CQE_F_MORE))
             arm_accept(listen_fd);   /* the multishot accept ended (error or overflow): arm a new one */
@@ -138,12 +150,13 @@ static void setup_ring(void)
 int main(int argc, char **argv)
 {
     struct echo_options options = echo_parse_options(argc, argv, "ref:c-uring");
-    echo_install_stop_signals();
+    int stop_fd = echo_stop_signal_fd();
     setup_ring();
     int listen_fd = echo_open_listener(&options, 0);
     arm_accept(listen_fd);
+    arm_stop(stop_fd);
 
-    while (!echo_stop_requested) {
+    while (!stopping) {
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
         int error = io_uring_submit_and_wait(&ring, 1);
@@ -159,5 +172,6 @@ int main(int argc, char **argv)
     }
     io_uring_queue_exit(&ring);
     close(listen_fd);
+    close(stop_fd);
     return 0;
 }

@@ -56,20 +56,22 @@ struct options {
     const char *http_path;
     int idle;
     double connect_timeout;
+    double stall_timeout;
 };
 
 static void usage_exit(const char *program)
 {
     fprintf(stderr,
             "usage: %s --port PORT [--host 127.0.0.1] [--connections N] [--size BYTES] [--depth N]\n"
-            "          [--warmup SEC] [--duration SEC] [--runs N] [--http PATH | --idle] [--connect-timeout SEC]\n",
+            "          [--warmup SEC] [--duration SEC] [--runs N] [--http PATH | --idle] [--connect-timeout SEC]\n"
+            "          [--stall-timeout SEC]\n",
             program);
     exit(2);
 }
 
 static struct options parse_options(int argc, char **argv)
 {
-    struct options o = {"127.0.0.1", 0, 1, 64, 1, 0.5, 1.0, 3, NULL, 0, 30.0};
+    struct options o = {"127.0.0.1", 0, 1, 64, 1, 0.5, 1.0, 3, NULL, 0, 30.0, 3.0};
     for (int i = 1; i < argc; i++) {
         const char *name = argv[i];
         if (strcmp(name, "--idle") == 0) {
@@ -89,6 +91,7 @@ static struct options parse_options(int argc, char **argv)
         else if (strcmp(name, "--runs") == 0) o.runs = atoi(value);
         else if (strcmp(name, "--http") == 0) o.http_path = value;
         else if (strcmp(name, "--connect-timeout") == 0) o.connect_timeout = atof(value);
+        else if (strcmp(name, "--stall-timeout") == 0) o.stall_timeout = atof(value);
         else usage_exit(argv[0]);
     }
     if (o.port <= 0 || o.connections < 1 || o.size < 1 || o.depth < 1 || o.runs < 1 || o.duration <= 0 ||
@@ -392,7 +395,11 @@ static void open_connection(struct connection *c, const struct sockaddr_in *addr
     queue_message(c, now_ns());   /* the greeting round trip; flushed once the connect completes */
 }
 
-/* Open every connection, in batches, each making one round trip. Returns the seconds it took. */
+/*
+ * Open every connection, in batches, each making one round trip. Returns the seconds it took. Fails when the whole
+ * takes over --connect-timeout, or when no new connection is answered for --stall-timeout: a server whose workers are
+ * all held by earlier connections (a bounded thread pool) never answers more, and waiting longer tells nothing.
+ */
 static double connect_all(void)
 {
     struct sockaddr_in address;
@@ -403,16 +410,28 @@ static double connect_all(void)
         fail("--host must be a numeric IPv4 address", 0);
     uint64_t start = now_ns();
     uint64_t deadline = start + (uint64_t)(options.connect_timeout * 1e9);
+    uint64_t stall_ns = (uint64_t)(options.stall_timeout * 1e9);
+    uint64_t last_progress = start;
+    int greeted_before = 0;
     for (int first = 0; first < options.connections; first += CONNECT_BATCH) {
         int last = first + CONNECT_BATCH < options.connections ? first + CONNECT_BATCH : options.connections;
         for (int i = first; i < last; i++)
             open_connection(&connections[i], &address);
         while (greeted < last) {
             poll_events(50);
+            uint64_t now = now_ns();
             if (current.errors > 0)
                 fail("a connection failed or was closed while connecting (is the server up?)", 0);
-            if (now_ns() > deadline)
-                fail("timed out connecting and making the first round trip", 0);
+            if (greeted > greeted_before) {
+                greeted_before = greeted;
+                last_progress = now;
+            }
+            if (now > deadline || now - last_progress > stall_ns) {
+                char message[160];
+                snprintf(message, sizeof message, "only %d of %d connections were answered (%s)", greeted,
+                         options.connections, now > deadline ? "connect timeout" : "no progress: server stalled");
+                fail(message, 0);
+            }
         }
     }
     return (double)(now_ns() - start) / 1e9;

@@ -1,0 +1,177 @@
+"""The benchmark harness itself (``python -m iokit.bench``): a tiny run of every workload on every backend yields
+well-formed JSON, a table and readable PNG plots; the C programs build without a warning; the pieces that turn numbers
+into rows do what the docs say.
+
+No speed is asserted anywhere: this machine is shared and noisy, and the bench exists to *report* speed. The tiny run
+uses runs of 0.1 s, two connection counts, one message size, an 8 MiB file, a 1 MiB upload and half a second of
+updates, so the whole module takes about a minute; it checks shape, not figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import iokit
+from iokit.bench import cbuild
+from iokit.bench.report import describe_params, format_rate
+from iokit.bench.results import RunSample, percentile, summarize
+from iokit.bench.processes import Usage
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(300)   # the tiny run takes about a minute; a backend failing slowly can add more
+REQUIRED_NUMBERS = ("ops_per_s", "p50_us", "p99_us", "cpu_s", "cpu_us_per_op", "context_switches", "peak_rss_kib")
+MACHINE_FIELDS = ("date", "command", "kernel", "cpu_model", "cpus", "python", "liburing", "pinning")
+AVAILABLE_BACKENDS = [info.name for info in iokit.backends() if info.available]
+
+
+EXAMPLE_WORKLOADS = {"http": ("http_server.py",), "upload": ("upload_server.py",),
+                     "updates": ("jobs_server.py", "push_server.py")}
+PLOTS = {"echo": "echo", "file": "file-randread", "waiting": "waiting-clients", "http": "http", "upload": "upload",
+         "updates": "updates"}
+
+
+def _example_present(workload: str) -> bool:
+    return all((ROOT / "examples" / name).exists() for name in EXAMPLE_WORKLOADS[workload])
+
+
+def _workloads_expected() -> list[str]:
+    return (["file-randread", "file-write", "echo", "waiting-clients"]
+            + [workload for workload in EXAMPLE_WORKLOADS if _example_present(workload)])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run of everything; returns (completed process, parsed JSON, output directory)."""
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "-m", "iokit.bench", "--quick", "--warmup-seconds", "0.05", "--run-seconds", "0.1",
+               "--runs", "1", "--connections", "1,8", "--message-sizes", "64", "--file-size-mib", "8",
+               "--idle-clients", "16", "--upload-mib", "1", "--upload-chunks-kib", "256", "--update-clients", "4",
+               "--update-rate", "8", "--updates-seconds", "0.5", "--data-dir", str(out / "data"), "--json", str(out / "bench.json"),
+               "--plot", str(out / "bench.png")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), IOKIT_BENCH_CACHE=str(out / "cache"))
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, f"bench failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    return completed, json.loads((out / "bench.json").read_text()), out
+
+
+def test_prints_the_machine_and_a_table(tiny_run):
+    completed, _, _ = tiny_run
+    first_lines = completed.stdout.splitlines()[:3]
+    assert "kernel" in first_lines[0]
+    assert "liburing" in first_lines[1] and ("pinned" in first_lines[2] or "one CPU" in first_lines[2])
+    for workload in _workloads_expected():
+        assert f"== {workload}:" in completed.stdout
+    assert "ops/s" in completed.stdout and "p99 us" in completed.stdout
+    assert "done:" in completed.stderr   # the progress display finished
+
+
+def test_json_holds_the_machine_and_well_formed_results(tiny_run):
+    _, data, _ = tiny_run
+    for field in MACHINE_FIELDS:
+        assert data["machine"].get(field) not in (None, ""), field
+    assert data["results"], "no result at all"
+    keys = set()
+    for result in data["results"]:
+        assert isinstance(result["workload"], str) and isinstance(result["backend"], str)
+        assert isinstance(result["params"], dict) and result["params"]
+        for name in REQUIRED_NUMBERS:
+            assert isinstance(result[name], (int, float)) and result[name] >= 0, (name, result)
+        assert result["ops_per_s"] > 0, result
+        assert result["p50_us"] <= result["p99_us"] or result["p99_us"] == 0, result
+        key = (result["workload"], result["backend"], json.dumps(result["params"], sort_keys=True))
+        assert key not in keys, f"two results for {key}"
+        keys.add(key)
+    for skipped in data["skipped"]:
+        assert skipped["reason"], skipped
+
+
+def test_every_workload_ran_on_every_available_backend(tiny_run):
+    _, data, _ = tiny_run
+    measured = {(r["workload"], r["backend"]) for r in data["results"]}
+    missing = [(workload, backend) for workload in _workloads_expected() for backend in AVAILABLE_BACKENDS
+               if (workload, backend) not in measured]
+    reasons = {(s["workload"], s["backend"]): s["reason"] for s in data["skipped"]}
+    assert not missing, [(pair, reasons.get(pair, "no reason recorded")) for pair in missing]
+
+
+def test_unavailable_backends_and_missing_examples_are_skipped_with_a_reason(tiny_run):
+    _, data, _ = tiny_run
+    skipped = {(s["workload"], s["backend"]): s["reason"] for s in data["skipped"]}
+    for info in iokit.backends():
+        if not info.available:
+            assert ("echo", info.name) in skipped
+    for workload in EXAMPLE_WORKLOADS:
+        if not _example_present(workload):
+            assert any(w == workload and "needs examples/" in reason for (w, _), reason in skipped.items())
+
+
+def test_references_run_where_their_tools_are_installed(tiny_run):
+    _, data, _ = tiny_run
+    backends = {r["backend"] for r in data["results"]}
+    assert {"ref:asyncio", "ref:c-epoll", "ref:pread"} <= backends
+    if shutil.which("fio"):
+        assert {"ref:fio-psync", "ref:fio-io_uring"} <= backends
+    if Path("/usr/include/liburing.h").exists():
+        assert "ref:c-uring" in backends
+    if importlib.util.find_spec("uvloop"):
+        assert "ref:uvloop" in backends
+
+
+def test_plots_are_real_pngs(tiny_run):
+    _, _, out = tiny_run
+    for family, workload in PLOTS.items():
+        if workload not in _workloads_expected():
+            continue
+        path = out / f"bench-{family}.png"
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width >= 800 and height >= 400, (path, width, height)
+
+
+@pytest.mark.parametrize("name", sorted(cbuild.PROGRAMS))
+def test_c_programs_build_without_warnings(name, tmp_path):
+    program = cbuild.PROGRAMS[name]
+    if program.needs_header and not Path(program.needs_header).exists():
+        pytest.skip(f"{program.needs_header} is missing")
+    command = cbuild.compile_command(program, tmp_path / name, extra_flags=("-Werror",))
+    completed = subprocess.run(command, capture_output=True, text=True)
+    assert completed.returncode == 0 and not completed.stderr, completed.stderr
+
+
+def test_loadgen_reports_a_refused_connection_as_a_json_error(tmp_path):
+    loadgen = cbuild.build("loadgen", directory=tmp_path)
+    import socket
+    with socket.socket() as placeholder:   # a port that is bound but not listening: connect is refused
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+        completed = subprocess.run([str(loadgen), "--port", str(port), "--connect-timeout", "5"],
+                                   capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 1
+    assert "error" in json.loads(completed.stdout.splitlines()[-1])
+
+
+def test_summarize_takes_medians_and_sums_cpu():
+    runs = [RunSample(1000, 1.0, 10, 50, Usage(0.5, 10, 2048)), RunSample(3000, 1.0, 30, 90, Usage(0.7, 20, 4096)),
+            RunSample(2000, 1.0, 20, 70, Usage(0.6, 30, 1024))]
+    result = summarize("echo", "epoll", {"connections": 1}, runs)
+    assert (result.ops_per_s, result.p50_us, result.p99_us) == (2000, 20, 70)
+    assert result.cpu_s == pytest.approx(1.8)
+    assert result.cpu_us_per_op == pytest.approx(1.8e6 / 6000)
+    assert result.context_switches == 60 and result.peak_rss_kib == 4096
+
+
+def test_small_formatting_helpers():
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([], 99) == 0
+    assert format_rate(1_234_567) == "1.23M" and format_rate(93_210) == "93.2k" and format_rate(512) == "512"
+    assert describe_params({"connections": 64, "message_bytes": 16384, "mode": "pipelined", "depth": 16}) == \
+        "64 conns 16KiB pipelined x16"
+    assert describe_params({"cache": "direct", "queue_depth": 32}) == "direct qd=32"
