@@ -17,10 +17,13 @@ runs:
 * **One runner task** advances the job table at its next deadline (a job ends, a finished job expires), and is woken
   early when a job is added or canceled. Jobs are timers on the runtime: no thread or task sleeps per job.
 * **A held request** registers its wake-up, *then* reads the job (so a change in between is not missed), then waits on
-  its connection (``request.wait_disconnected()``: a receive that returns end of stream when the client leaves) until
-  the client leaves, its time is up, the server stops, or a change of the job cancels the wait, whichever comes first.
-  It is unregistered on the way out in every case. A woken request answers with the monitor its wake-up brought,
-  without going back to the table.
+  its connection (``request.wait_disconnected()``: a readiness wait that returns when the client leaves, with no
+  receive buffer) until the client leaves, its time is up, the server stops (``request.interruptible()``), or a change
+  of the job cancels the wait, whichever comes first. It is unregistered on the way out in every case. A woken request
+  answers with the monitor its wake-up brought, without going back to the table.
+
+The job table and the held requests live in this process's memory: the server is ``single_process`` (``--workers``
+must be 1), and the runner is the service's lifespan, beside the accept loop.
 
 Run: ``python examples/jobs_server.py --backend epoll --port 8080``.
 """
@@ -36,11 +39,10 @@ import threading
 import iokit
 from iokit import serve
 from iokit.http import App, HttpError, HttpLimits, HttpServer, Response
-from iokit.patterns import serving
 from iokit.patterns.jobs import (IdempotencyConflict, InvalidJobRequest, JobError, JobFinished, JobGone, JobNotFound,
                                  JobTable, QueueFull, TooManyWaiters, Waiter, WaiterRegistry, check_idempotency_key,
                                  parse_job_request, parse_long_poll)
-from iokit.patterns.limits import JobLimits
+from iokit.patterns.limits import JobLimits, check_connections, connections_for
 
 NO_STORE = ("Cache-Control", "no-store")
 POLL_AGAIN_AFTER = ("Retry-After", "1")
@@ -73,9 +75,8 @@ def monitor_response(monitor: dict, status: int, *extra_headers: tuple[str, str]
 class JobsServer:
     """The job table, the held requests, the runner, and the routes that use them."""
 
-    def __init__(self, limits: JobLimits, stop: serving.ServerStop):
+    def __init__(self, limits: JobLimits):
         self.limits = limits
-        self.stop = stop
         # Two locks, always taken one at a time or table-then-waiters (a table change notifies waiters), never the
         # other way round. On ``blocking`` the handlers are threads; elsewhere the locks are never contended.
         self._table_lock = threading.Lock()
@@ -152,8 +153,7 @@ class JobsServer:
             seen = monitor["version"] if long_poll.version is None else long_poll.version
             if monitor["version"] != seen or monitor["status"] in ("succeeded", "failed", "canceled"):
                 return monitor
-            await request.read_body()  # (empty for a GET) the end of the request must be read to see the end of stream
-            with woken, iokit.move_on_after(long_poll.wait_seconds), self.stop.interruptible():
+            with woken, request.interruptible(long_poll.wait_seconds):
                 await request.wait_disconnected()
         finally:
             if waiter.registered:  # not if a change already took it out (read without the lock: notify clears it)
@@ -188,6 +188,14 @@ class JobsServer:
 
     # -- the runner --------------------------------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def lifespan(self):
+        """Return an async context manager that runs the runner while the block (the server) runs."""
+        async with iokit.TaskGroup() as tasks:
+            tasks.spawn(self.run_jobs, name="job-runner")
+            yield
+            tasks.cancel_scope.cancel()
+
     async def run_jobs(self) -> None:
         """Advance the table at each of its deadlines, and whenever a job is added or canceled. Runs until cancelled."""
         while True:
@@ -199,16 +207,18 @@ class JobsServer:
                 await self._runner_wakeup.wait()
 
 
-def make_service(arguments) -> serving.HoldingService:
-    stop = serving.ServerStop()
-    jobs = JobsServer(serve.limits_from_arguments(arguments, JobLimits), stop)
-    http = HttpServer(jobs.app, serve.limits_from_arguments(arguments, HttpLimits))
-    return serving.HoldingService(http, stop, background=[jobs.run_jobs])
+def make_service(arguments) -> HttpServer:
+    limits = serve.limits_from_arguments(arguments, JobLimits)
+    http_limits = serve.limits_from_arguments(arguments, HttpLimits)
+    check_connections(http_limits.max_connections, limits.max_held_requests, "--max-held-requests")
+    jobs = JobsServer(limits)
+    return HttpServer(jobs.app, http_limits, lifespan=jobs.lifespan, single_process=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = serving.argument_parser(__doc__.splitlines()[0], JobLimits, held=JobLimits.max_held_requests)
-    return serving.main(make_service, parser, argv, held=lambda arguments: arguments.max_held_requests)
+    parser = serve.argument_parser(__doc__.splitlines()[0], HttpLimits, JobLimits)
+    parser.set_defaults(max_connections=connections_for(JobLimits.max_held_requests))
+    return serve.main(make_service, parser, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ connection either way. Past 1024 subscribers a new one gets ``retry: 5000`` and 
 The rules (ring, queues, policies, wire format) are in ``iokit.patterns.sse``, the limits in ``iokit.patterns.limits``
 (each a flag: ``--ping-interval``, ``--max-subscribers``...). Here is the part that runs: each stream is the response
 body of its request, an async generator that waits for its subscriber's queue (or the ping time, the stop, or the
-client's disconnect) and hands the server all that waits, in one write.
+client's disconnect) and hands the server all that waits, in one write. The subscribers live in this process's memory
+(the service is ``single_process``: ``--workers`` must be 1), and each connection's kernel send buffer is bounded
+(``--send-buffer-bytes``), so that a slow reader fills its own bounded queue rather than megabytes of kernel memory.
 
 Run: ``python examples/push_server.py --backend epoll --port 8080``, then
 ``curl -N 'http://127.0.0.1:8080/events?topic=t'``.
@@ -29,8 +31,7 @@ import threading
 import iokit
 from iokit import serve
 from iokit.http import App, HttpError, HttpLimits, HttpServer, Response
-from iokit.patterns import serving
-from iokit.patterns.limits import PushLimits
+from iokit.patterns.limits import PushLimits, check_connections, connections_for
 from iokit.patterns.sse import (PING, Broker, InvalidMessage, SlowPolicy, Subscriber, TooManySubscribers,
                                 check_topic, format_retry, parse_last_event_id, parse_message)
 
@@ -40,9 +41,8 @@ STREAM_HEADERS = (("Content-Type", "text/event-stream"), ("Cache-Control", "no-s
 class PushServer:
     """The broker and the routes that use it."""
 
-    def __init__(self, limits: PushLimits, policy: SlowPolicy, stop: serving.ServerStop):
+    def __init__(self, limits: PushLimits, policy: SlowPolicy):
         self.limits = limits
-        self.stop = stop
         # On ``blocking`` publishers and streams are threads; elsewhere this lock is never contended.
         self._lock = threading.Lock()
         self.broker = Broker(limits, policy)
@@ -104,17 +104,17 @@ class PushServer:
             return
         try:
             yield start
-            async with serving.watching_disconnect(request, lambda: self._end(subscriber, "disconnected")):
-                while (chunk := await self._next_chunk(subscriber, wake)) is not None:
+            async with request.watching_disconnect(lambda: self._end(subscriber, "disconnected")):
+                while (chunk := await self._next_chunk(request, subscriber, wake)) is not None:
                     yield chunk
         finally:
             with self._lock:
                 self.broker.unsubscribe(subscriber)
 
-    async def _next_chunk(self, subscriber: Subscriber, wake: iokit.Event) -> bytes | None:
+    async def _next_chunk(self, request, subscriber: Subscriber, wake: iokit.Event) -> bytes | None:
         """Return what to send next (queued events, a gap notice, or a ping after ``ping_interval`` of silence), or
         ``None`` when the stream must end (overflow with policy disconnect, the client left, the server stops)."""
-        with self.stop.interruptible():
+        with request.interruptible():
             with iokit.move_on_after(self.limits.ping_interval):
                 while True:
                     with self._lock:
@@ -138,20 +138,21 @@ async def _nothing():
     yield  # an empty async generator: HEAD gets a stream's head with no body
 
 
-def make_service(arguments) -> serving.HoldingService:
-    stop = serving.ServerStop()
+def make_service(arguments) -> HttpServer:
     limits = serve.limits_from_arguments(arguments, PushLimits)
-    push = PushServer(limits, SlowPolicy(arguments.slow), stop)
-    http = HttpServer(push.app, serve.limits_from_arguments(arguments, HttpLimits))
-    return serving.HoldingService(http, stop, background=[], send_buffer_bytes=limits.send_buffer_bytes)
+    http_limits = serve.limits_from_arguments(arguments, HttpLimits)
+    check_connections(http_limits.max_connections, limits.max_subscribers, "--max-subscribers")
+    push = PushServer(limits, SlowPolicy(arguments.slow))
+    return HttpServer(push.app, http_limits, single_process=True, send_buffer_bytes=limits.send_buffer_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = serving.argument_parser(__doc__.splitlines()[0], PushLimits, held=PushLimits.max_subscribers)
+    parser = serve.argument_parser(__doc__.splitlines()[0], HttpLimits, PushLimits)
+    parser.set_defaults(max_connections=connections_for(PushLimits.max_subscribers))
     parser.add_argument("--slow", choices=[policy.value for policy in SlowPolicy], default=SlowPolicy.DISCONNECT.value,
                         help="what to do with a subscriber whose queue is full: end its stream (it resumes from the "
                              "ring) or drop its oldest events and send 'event: gap' (default: disconnect)")
-    return serving.main(make_service, parser, argv, held=lambda arguments: arguments.max_subscribers)
+    return serve.main(make_service, parser, argv)
 
 
 if __name__ == "__main__":

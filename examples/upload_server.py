@@ -19,35 +19,27 @@ from __future__ import annotations
 import os
 import sys
 
-import iokit
 from iokit import serve
-from iokit.http import HttpLimits, HttpServer
+from iokit.http import HttpLimits
 from iokit.tus import Durability, UploadLimits, UploadStore
-from iokit.tus.server import build_app, serve_uploads
+from iokit.tus.server import build_server
 
 DEFAULT_DIRECTORY = "uploads"
 
 
+def make_service(arguments):
+    store = UploadStore(arguments.dir, Durability(arguments.durability),
+                        serve.limits_from_arguments(arguments, UploadLimits))
+    return build_server(store, serve.limits_from_arguments(arguments, HttpLimits))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = serve.argument_parser(__doc__.splitlines()[0])
+    parser = serve.argument_parser(__doc__.splitlines()[0], HttpLimits, UploadLimits)
     parser.add_argument("--dir", default=os.path.join(os.getcwd(), DEFAULT_DIRECTORY),
                         help=f"where uploads live (default: ./{DEFAULT_DIRECTORY})")
     parser.add_argument("--durability", choices=[mode.value for mode in Durability], default=Durability.SYNC.value,
                         help="sync: fdatasync before each 204; async: 204 from memory, synced every flush interval")
-    serve.add_limit_arguments(parser, HttpLimits)
-    serve.add_limit_arguments(parser, UploadLimits)
-    arguments = parser.parse_args(argv)
-    if arguments.workers != 1:
-        # Which request holds an upload (423) and async mode's buffers live in one process's memory.
-        parser.error("the upload server runs as one process: --workers must be 1")
-    store = UploadStore(arguments.dir, Durability(arguments.durability),
-                        serve.limits_from_arguments(arguments, UploadLimits))
-    service = HttpServer(build_app(store), serve.limits_from_arguments(arguments, HttpLimits))
-    try:
-        return iokit.run(serve_uploads, store, service, arguments, backend=arguments.backend)
-    except iokit.BackendUnavailable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return serve.main(make_service, parser, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """What every example server shares: the command line, the accept loop, worker processes, and a clean stop.
 
 An example is a *service*: an object with ``max_connections``, ``handle_connection(stream, shutdown)`` and
-``reject_connection(stream)`` (what a client over the connection limit gets). ``main(make_service, parser)`` does the rest:
+``reject_connection(stream)`` (what a client over the connection limit gets), and optionally ``lifespan()`` (what runs
+around the serving: loading state, background tasks, a last flush), ``single_process`` and ``send_buffer_bytes`` (see
+``Service``). ``main(make_service, parser)`` does the rest:
 
 * ``--backend NAME --host HOST --port PORT`` (0: any free port), and prints exactly one line
   ``listening on HOST:PORT backend=NAME`` (flushed) once connections are accepted. Scripts and tests wait for it.
@@ -11,7 +13,10 @@ An example is a *service*: an object with ``max_connections``, ``handle_connecti
 * **Workers**: ``--workers N`` starts N processes that each listen on the same port with ``SO_REUSEPORT`` (the kernel
   spreads new connections across them; the way to use more than one core). The parent picks the port, waits until every
   worker listens, prints the one line, and on SIGTERM/SIGINT stops them all together; if one worker dies on its own, the
-  parent stops the others and exits non-zero, so a supervisor sees the failure.
+  parent stops the others and exits non-zero, so a supervisor sees the failure. A service whose state lives in one
+  process's memory (``single_process``) refuses ``--workers`` above 1 with a usage error.
+* **The process is sized for the service**: the open-file limit is raised to fit ``max_connections``, and the
+  ``threads`` backend's pool gets a worker for every blocking call a connection may have in progress.
 * **Limits as flags**: ``add_limit_arguments`` turns each field of a frozen limits dataclass into a flag
   (``HttpLimits.header_timeout`` -> ``--header-timeout``), so the limits stay defined in one place.
 
@@ -44,6 +49,18 @@ WORKER_START_TIMEOUT = 30.0
 
 
 class Service(Protocol):
+    """What ``serve`` runs. Beyond these members a service may have, read with ``getattr`` (absent: the default):
+
+    * ``lifespan()`` -> an async context manager (default: none). It is entered before the first connection is accepted
+      (and before ``main`` says it listens), and exited once the server has stopped and every connection is closed, so
+      that it can load state first, run background tasks inside (a ``TaskGroup`` around its ``yield``, cancelled on
+      the way out), and make durable what the requests accepted last. An error it raises stops the server.
+    * ``single_process`` (default ``False``): ``True`` when the service keeps state that every request must see in one
+      process's memory; ``main`` then refuses ``--workers`` above 1.
+    * ``send_buffer_bytes`` (default ``None``: the kernel's autotuning): ``SO_SNDBUF`` for every accepted connection,
+      for a service that bounds what it queues per client and must not have the kernel queue megabytes more.
+    """
+
     max_connections: int
 
     async def handle_connection(self, stream: Any, shutdown: "Shutdown") -> None: ...
@@ -133,8 +150,9 @@ class Shutdown:
 
 # -- command line -----------------------------------------------------------------------------------------------------
 
-def argument_parser(description: str) -> argparse.ArgumentParser:
-    """Return a parser with the flags every example server takes; an example adds its own, then calls ``main``."""
+def argument_parser(description: str, *limits_types: type) -> argparse.ArgumentParser:
+    """Return a parser with the flags every example server takes, and a flag for each field of each ``limits_types``
+    (``add_limit_arguments``); an example adds its own, then calls ``main``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backend", default="auto", choices=["blocking", "threads", "epoll", "uring", "auto"],
                         help="the I/O backend (default: auto, which prefers uring and says why it fell back)")
@@ -146,6 +164,8 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
                         help="seconds requests in progress get to finish on SIGTERM/SIGINT (default: 5)")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by the worker parent
+    for limits_type in limits_types:
+        add_limit_arguments(parser, limits_type)
     return parser
 
 
@@ -166,28 +186,37 @@ def limits_from_arguments(arguments: argparse.Namespace, limits_type: type):
 
 def main(make_service: Callable[[argparse.Namespace], Service], parser: argparse.ArgumentParser,
          argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), then serve until SIGINT/SIGTERM. Return the exit code (0: clean)."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), then serve until SIGINT/SIGTERM. Return the exit code (0: clean).
+
+    ``make_service(arguments)`` builds the service; it may raise ``ValueError`` for flags that do not fit together,
+    which becomes a usage error (exit 2). It is called in the parent of ``--workers`` too (to read
+    ``single_process``), so it must not do I/O: that belongs in the service's ``lifespan()``.
+    """
     arguments = parser.parse_args(argv)
     if arguments.workers < 1:
         parser.error("--workers must be at least 1")
+    try:
+        service = make_service(arguments)
+    except ValueError as error:
+        parser.error(str(error))
     if arguments.workers > 1:
+        if getattr(service, "single_process", False):
+            parser.error("this server keeps its state in one process's memory (requests must all see it): "
+                         "--workers must be 1")
         return _supervise_workers(arguments)
-    return run_service(make_service(arguments), arguments)
+    return run_service(service, arguments)
 
 
-def run_service(service: Service, arguments: argparse.Namespace, serve_function: Callable | None = None) -> int:
-    """Run ``await serve_function(service, arguments)`` (default: ``serve``) on ``arguments.backend``, in a process set up
-    for ``service.max_connections``. Return its exit code, or 2 when the backend cannot run here (the reason on stderr).
-
-    A server that needs more around ``serve`` (background tasks) passes its own ``serve_function`` that calls ``serve``.
-    """
+def run_service(service: Service, arguments: argparse.Namespace) -> int:
+    """Run ``await serve(service, arguments)`` on ``arguments.backend``, in a process set up for
+    ``service.max_connections``. Return its exit code, or 2 when the backend cannot run here (the reason on stderr)."""
     raise_open_file_limit(4 * service.max_connections + 256)
     try:
         # The threads backend holds a worker for every blocking call in progress, and a connection waits in at most two
-        # (a read and a write). A pool smaller than that would let idle connections take every worker and starve the
-        # rest (the model's limit: see backends/threads.py); workers start on demand, so the bound costs nothing idle.
-        # The other backends ignore the option.
-        return iokit.run(serve_function or serve, service, arguments, backend=arguments.backend,
+        # (a read and a write; a held request's wait for the client to leave is one). A pool smaller than that would
+        # let idle or held connections take every worker and starve the rest (the model's limit: see
+        # backends/threads.py); workers start on demand, so the bound costs nothing idle. The other backends ignore it.
+        return iokit.run(serve, service, arguments, backend=arguments.backend,
                          max_workers=2 * service.max_connections + MAX_CONCURRENT_REJECTIONS)
     except iokit.BackendUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
@@ -209,28 +238,40 @@ def raise_open_file_limit(wanted: int) -> None:
 # -- one process ------------------------------------------------------------------------------------------------------
 
 async def serve(service: Service, arguments: argparse.Namespace) -> int:
-    """Listen, announce, serve until SIGINT or SIGTERM, then stop as the module says. Return 0."""
+    """Listen, enter the service's lifespan, announce, serve until SIGINT or SIGTERM, then stop as the module says.
+    Return 0."""
     stop = iokit.signal_event(signal.SIGINT, signal.SIGTERM)
     listener = await iokit.open_tcp_listener(arguments.host, arguments.port, reuse_port=arguments.reuse_port)
-    _announce(listener.address, iokit.current_backend().name, arguments.ready_fd)
-    await serve_listener(listener, service, stop, arguments.shutdown_grace)
+    backend_name = iokit.current_backend().name
+    await serve_listener(listener, service, stop, arguments.shutdown_grace,
+                         ready=lambda: _announce(listener.address, backend_name, arguments.ready_fd))
     return 0
 
 
-async def serve_listener(listener, service: Service, stop, shutdown_grace: float) -> None:
+async def serve_listener(listener, service: Service, stop, shutdown_grace: float,
+                         ready: Callable[[], None] | None = None) -> None:
     """Accept connections on ``listener`` for ``service`` until the ``iokit.Event`` ``stop`` is set; then close idle
     connections at once, give busy ones ``shutdown_grace`` seconds, cancel the rest, and close the listener.
 
-    This is the server without the process around it, for embedding one in a program or a test.
+    The service's ``lifespan()``, if it has one, is entered first and exited last, once every connection is closed;
+    ``ready()`` is called in between, just before the first accept. This is the server without the process around it,
+    for embedding one in a program or a test.
     """
     shutdown = Shutdown()
-    async with iokit.TaskGroup() as tasks:
-        tasks.spawn(_accept_loop, listener, service, shutdown, tasks, name="accept")
-        await stop.wait()
-        shutdown.begin()
-        with iokit.move_on_after(shutdown_grace):
-            await shutdown.wait_all_closed()
-        tasks.cancel_scope.cancel()
+    lifespan = getattr(service, "lifespan", None)
+    try:
+        async with lifespan() if lifespan is not None else contextlib.nullcontext():
+            async with iokit.TaskGroup() as tasks:
+                tasks.spawn(_accept_loop, listener, service, shutdown, tasks, name="accept")
+                if ready is not None:
+                    ready()
+                await stop.wait()
+                shutdown.begin()
+                with iokit.move_on_after(shutdown_grace):
+                    await shutdown.wait_all_closed()
+                tasks.cancel_scope.cancel()
+    finally:
+        await listener.aclose()  # the accept loop closes it as the stop begins; this is for a lifespan that failed
 
 
 def _announce(address: tuple, backend_name: str, ready_fd: int | None) -> None:
@@ -243,6 +284,7 @@ def _announce(address: tuple, backend_name: str, ready_fd: int | None) -> None:
 
 
 async def _accept_loop(listener, service: Service, shutdown: Shutdown, tasks) -> None:
+    send_buffer_bytes = getattr(service, "send_buffer_bytes", None)
     try:
         while (stream := await _accept_one(listener, shutdown)) is not None:
             if shutdown.open_connections >= service.max_connections:
@@ -255,6 +297,8 @@ async def _accept_loop(listener, service: Service, shutdown: Shutdown, tasks) ->
             # TCP_NODELAY, Nagle holds a second small write until the first is acknowledged, and the client's delayed
             # ACK makes that about 40 ms.
             stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if send_buffer_bytes is not None:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
             shutdown._opened()
             tasks.spawn(_run_connection, service, stream, shutdown, name="connection")
     finally:

@@ -22,7 +22,7 @@ from iokit.patterns.jobs import (IdempotencyConflict, InvalidJobRequest, JobFini
                                  JobRequest, JobStatus, JobTable, QueueFull, TooManyWaiters, WaiterRegistry,
                                  parse_job_request, parse_long_poll)
 from iokit.patterns.limits import JobLimits
-from iokit.patterns.serving import raise_open_file_limit
+from iokit.serve import raise_open_file_limit
 
 SERVER = EXAMPLES / "jobs_server.py"
 CLIENT = EXAMPLES / "jobs_client.py"

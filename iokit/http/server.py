@@ -14,14 +14,23 @@ Timeouts come from ``HttpLimits``: waiting for a request to start (idle keep-ali
 ends this wait at once), for a started head to finish (408 then close: slowloris), for the next piece of a body
 (``BodyIncomplete``), for a write to make progress (close). After an error that breaks framing the server answers and
 closes, half-closing first and draining a little so that the answer is not lost to a TCP reset.
+
+A handler that *holds* its request (a long poll, an event stream) has two more things to wait for: the client leaving
+and the server stopping. ``request.wait_disconnected()`` waits for the first without a receive buffer: a held
+request may wait for minutes, and a thousand pending 64 KiB receives would be 64 MiB of buffers that hold nothing, so
+it waits for readiness (a POLL op: POLLIN, and POLLRDHUP for a peer that shut down its side) and only then reads, a
+little. ``request.interruptible()`` scopes a wait that the server's stop ends at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import select
 import sys
 import traceback
 import urllib.parse
-from typing import AsyncIterator
+from typing import AsyncContextManager, AsyncIterator, Callable, ContextManager
 
 import iokit
 
@@ -35,6 +44,8 @@ from .routing import DEFAULT_BODY_CAP, App
 
 # A write larger than this is sent in pieces, each with its own send timeout: the timeout is about progress.
 _SEND_PIECE = 256 * 1024
+# What a held request reads once its connection is readable: the end of the stream, or a pipelined request (kept).
+_HELD_RECEIVE_SIZE = 4096
 
 
 class Request:
@@ -47,6 +58,10 @@ class Request:
     The body is read on demand, so a handler that streams it holds one piece at a time:
     ``await request.read_body()`` returns all of it; ``async for chunk in request.body()`` gives it piece by piece.
     Both raise ``HttpError(413)`` past ``max_body_size`` and ``BodyIncomplete`` when it is cut off.
+
+    A handler that holds the request open (a long poll, a stream) waits in ``wait_disconnected()`` (or runs
+    ``watching_disconnect()`` beside a longer body of work), inside ``interruptible()`` so that the server's stop ends
+    the wait at once.
     """
 
     def __init__(self, head: RequestHead, connection: "_Connection", max_body_size: int | None):
@@ -81,18 +96,60 @@ class Request:
     async def wait_disconnected(self) -> None:
         """Return when the client closes or resets the connection (for a handler that holds a request open).
 
-        Call it once the body has been read. Bytes that arrive meanwhile (a pipelined request) are kept for later.
+        A body the handler has not read is read first, and dropped. Then it waits for the connection to become
+        readable, holding no receive buffer while it waits; bytes that arrive meanwhile (a pipelined request) are kept
+        for later. It returns only when the client leaves: a handler ends the wait with a cancel scope (a time limit,
+        a wake-up, ``interruptible()``). Raises what ``body()`` raises while the body is read, except a client that
+        closes during it: that is a disconnect, and it returns.
         """
         await self._connection.wait_disconnected(self)
 
+    @contextlib.asynccontextmanager
+    async def watching_disconnect(self, on_disconnect: Callable[[], None]):
+        """Return an async context manager that calls ``on_disconnect()`` if the client closes or resets the connection
+        while the block runs: a second task waits in ``wait_disconnected()`` beside it (for a stream that waits many
+        times; a single wait can call ``wait_disconnected()`` itself). It reads an unread body first, as that does."""
+        await self._connection.read_rest_of_body(self)
+
+        async def watch() -> None:
+            try:
+                await self.wait_disconnected()
+            except OSError:
+                pass  # a reset: gone all the same
+            on_disconnect()
+
+        async with iokit.TaskGroup() as group:
+            group.spawn(watch, name="disconnect-watch")
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+
+    def interruptible(self, timeout: float = math.inf) -> ContextManager[iokit.CancelScope]:
+        """Return a context manager around a wait that the server's stop ends at once (and that ends after ``timeout``
+        seconds); it yields the ``CancelScope``, whose ``cancelled_caught`` says the wait was cut short. A held request
+        wraps its wait in it, so that SIGTERM answers it now rather than after the shutdown grace."""
+        return self._connection.shutdown.interruptible(timeout)
+
 
 class HttpServer:
-    """Serves ``app`` with ``limits``; a service for ``iokit.serve.main`` (see there for the process around it)."""
+    """Serves ``app`` with ``limits``; a service for ``iokit.serve.main`` (see there for the process around it).
 
-    def __init__(self, app: App, limits: HttpLimits = DEFAULT_LIMITS):
+    The keyword arguments are the service's options that ``iokit.serve.Service`` describes: ``lifespan`` (a function
+    returning an async context manager, entered before serving and exited after: loading state, background tasks, a
+    last flush), ``single_process`` (state in this process's memory: ``--workers`` must be 1) and
+    ``send_buffer_bytes`` (SO_SNDBUF per connection).
+    """
+
+    def __init__(self, app: App, limits: HttpLimits = DEFAULT_LIMITS, *,
+                 lifespan: Callable[[], AsyncContextManager] | None = None, single_process: bool = False,
+                 send_buffer_bytes: int | None = None):
         self.app = app
         self.limits = limits
         self.max_connections = limits.max_connections
+        self.lifespan = lifespan
+        self.single_process = single_process
+        self.send_buffer_bytes = send_buffer_bytes
 
     async def handle_connection(self, stream, shutdown: Shutdown) -> None:
         """Serve requests on ``stream`` until either side closes, a limit is hit, or the server stops."""
@@ -204,9 +261,9 @@ class _Connection:
             self._head_started_at = iokit.current_time()
         return True
 
-    async def _receive(self) -> bytes:
+    async def _receive(self, size: int | None = None) -> bytes:
         try:
-            return await self.stream.receive_some(self.limits.receive_size)
+            return await self.stream.receive_some(size or self.limits.receive_size)
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
             return b""
 
@@ -246,13 +303,29 @@ class _Connection:
                                  BodyIncomplete.TIMEOUT if data is None else BodyIncomplete.CLOSED)
         self.parser.feed(data)
 
+    async def read_rest_of_body(self, request: Request) -> bool:
+        """Read and drop what the handler left of ``request``'s body (for a request without one: take its
+        end-of-message marker). Return ``False`` if the client closed the connection meanwhile; raises what
+        ``read_body_chunk`` raises otherwise."""
+        try:
+            while await self.read_body_chunk(request) is not None:
+                pass
+        except BodyIncomplete as cut:
+            if cut.reason != BodyIncomplete.CLOSED:
+                raise
+            return False
+        return True
+
     async def wait_disconnected(self, request: Request) -> None:
-        if request.head.has_body and not request.body_complete:
-            raise RuntimeError("wait_disconnected() is for after the body was read")
-        await self.read_body_chunk(request)  # a request without a body: take its end-of-message marker
+        if self.peer_closed or not await self.read_rest_of_body(request):
+            return
+        fd = self.stream.fileno()
         buffered = 0
         while not self.peer_closed:
-            data = await self._receive()
+            # Wait with no buffer, then read a little: POLLIN covers data and the end of the stream, POLLRDHUP a peer
+            # that shut down its side, and a reset shows as POLLERR/POLLHUP (the read then fails, as b"").
+            await iokit.perform(iokit.ops.poll(fd, select.POLLIN | select.POLLRDHUP))
+            data = await self._receive(_HELD_RECEIVE_SIZE)
             if not data:
                 self.peer_closed = self.must_close = True
                 return
@@ -265,11 +338,9 @@ class _Connection:
     async def _discard_rest_of_body(self, request: Request) -> bool:
         """Read and drop what the handler left of the body. Return ``False`` if that failed (then we close)."""
         try:
-            while await self.read_body_chunk(request) is not None:
-                pass
+            return await self.read_rest_of_body(request)
         except (HttpError, BodyIncomplete):
             return False
-        return True
 
     # -- writing -------------------------------------------------------------------------------------------------------
 

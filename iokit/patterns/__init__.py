@@ -4,8 +4,6 @@
 * ``jobs``: the job table (states, versions, queue, retention, idempotency keys) and the registry of held long polls.
 * ``sse``: Server-Sent Events: the event ring, per-subscriber queues and slow-consumer policies, the wire format, and a
   parser for the client side.
-* ``serving``: what a server that holds requests needs around ``iokit.serve`` (the stop seen by handlers, background
-  tasks, a pool and fd limit sized for held connections, disconnect detection).
 
 ``examples/jobs_server.py`` and ``examples/push_server.py`` are the servers; ``docs/patterns.md`` (sections 3-5)
 explains the patterns.

@@ -114,6 +114,14 @@ def connections_for(held: int) -> int:
     return held + SPARE_CONNECTIONS
 
 
+def check_connections(max_connections: int, held: int, held_flag: str) -> None:
+    """Raise ``ValueError`` unless ``max_connections`` leaves room beyond the ``held`` requests a server may hold (set
+    by the flag ``held_flag``): without it, a full house of waiters locks out the requests that change things."""
+    if held >= max_connections:
+        raise ValueError(f"--max-connections ({max_connections}) must exceed {held_flag} ({held}): the requests that "
+                         f"change things need connections too")
+
+
 def _check_positive(limits) -> None:
     for field in dataclasses.fields(limits):
         value = getattr(limits, field.name)

@@ -1,4 +1,4 @@
-"""The tus routes on the shared HTTP core, and the process around them (the store's lifespan).
+"""The tus routes on the shared HTTP core, and the service that serves them with the store's lifespan.
 
 Each handler checks the request in the order tus (and tusd) give the statuses, so that a request refused for one reason
 is not also half-processed for another: first the protocol version (412: the request must then not be processed at
@@ -9,19 +9,19 @@ store calls.
 ``GET /files/{id}`` is not part of tus (tusd offers it too): it downloads a finished upload, so a client can check what
 it sent, and it does not ask for ``Tus-Resumable`` (a browser or curl may fetch it).
 
-The HTTP core serves connections; the upload store also needs a task of its own (the flusher and the expiry sweep) and a
-last flush when the server stops. ``serve_uploads`` wraps ``iokit.serve.serve`` with that, until the core's service
-interface has a lifespan hook of its own.
+The HTTP core serves connections; the upload store also has a lifespan (``store_lifespan``): it is loaded before the
+first request, runs a task of its own beside the server (the flusher and the expiry sweep), and makes every accepted
+byte durable once the last connection has closed. Which request holds an upload (423) and async mode's buffers live in
+one process's memory, so the service is ``single_process``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 
 import iokit
 
-from .. import serve
-from ..http import App, HttpServer, Response
+from ..http import App, HttpLimits, HttpServer, Response
 from . import protocol
 from .protocol import TUS_VERSION, tus_error, upload_path
 from .store import Upload, UploadStore
@@ -117,17 +117,20 @@ def build_app(store: UploadStore) -> App:
     return app
 
 
-async def serve_uploads(store: UploadStore, service: HttpServer, arguments: argparse.Namespace) -> int:
-    """Load ``store``, serve ``service`` as ``iokit.serve.serve`` does (until SIGINT/SIGTERM), with the store's
-    housekeeping running alongside; then make every accepted byte durable. Return the exit code (0)."""
+def build_server(store: UploadStore, limits: HttpLimits) -> HttpServer:
+    """Return the upload service over ``store``, for ``iokit.serve.main``."""
+    return HttpServer(build_app(store), limits, lifespan=lambda: store_lifespan(store), single_process=True)
+
+
+@contextlib.asynccontextmanager
+async def store_lifespan(store: UploadStore):
+    """Return an async context manager that loads ``store``, runs its housekeeping while the block runs, and at the end
+    makes every accepted byte durable (the last flush, also when the block fails)."""
     await store.open()
     try:
         async with iokit.TaskGroup() as tasks:
             tasks.spawn(store.run_housekeeping, name="upload-housekeeping")
-            try:
-                return await serve.serve(service, arguments)
-            finally:
-                tasks.cancel_scope.cancel()
+            yield
+            tasks.cancel_scope.cancel()
     finally:
         await store.close()
-
