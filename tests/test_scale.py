@@ -128,11 +128,14 @@ class LatencyProbe:
                 "max_ms": round(1000 * values[-1], 1),
                 "max_connect_ms": round(1000 * max(self.connect_latencies[phase]), 1)}
 
-    def check(self, phase: str, max_p99_seconds: float | None = None) -> dict:
-        """Return the phase's summary; fail if a request failed, none was made, or p99 is over the bound."""
+    def check(self, phase: str, max_p99_seconds: float | None = None, *, may_be_empty: bool = False) -> dict:
+        """Return the phase's summary; fail if a request failed, none was made (unless ``may_be_empty``: a phase
+        shorter than the probe's own request), or p99 is over the bound."""
         figures = self.summary(phase)
         bound = MAX_PROBE_P99_SECONDS if max_p99_seconds is None else max_p99_seconds
         assert not self.failures[phase], f"other requests failed while {phase}: {self.failures[phase][:5]}"
+        if may_be_empty and not figures["requests"]:
+            return figures
         assert figures["requests"] > 0, f"no probe request completed while {phase}"
         assert figures["p99_ms"] <= 1000 * bound, f"other requests slow while {phase}: {figures}"
         return figures
@@ -214,7 +217,9 @@ def hold_then_serve(backend: str, connections: int) -> dict:
                        "probe_holding": probe.check("holding"),
                        # A request that arrives during the burst waits behind it (one thread answers in order): it
                        # must not wait longer than the burst itself, plus the usual bound.
-                       "probe_serving": probe.check("serving", serve_seconds + MAX_PROBE_P99_SECONDS)}
+                       # The burst can be over before the probe starts a request in it (seen at 2,000 on epoll).
+                       "probe_serving": probe.check("serving", serve_seconds + MAX_PROBE_P99_SECONDS,
+                                                    may_be_empty=True)}
     report("http", figures)
     assert figures["held_kib_per_connection"] <= MAX_KIB_PER_CONNECTION, figures
     assert figures["served_kib_per_connection"] <= MAX_KIB_PER_CONNECTION, figures
