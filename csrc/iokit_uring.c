@@ -334,6 +334,8 @@ static unsigned reap(struct iokit_ring *r, uint64_t *ids, int32_t *results, uint
 }
 
 /* One io_uring_enter: submit what is queued, collect completions (GETEVENTS) and block only if the CQ is empty. */
+#define FOREVER_SLICE_NS (60LL * 1000 * 1000 * 1000)
+
 static int enter(struct iokit_ring *r, int64_t timeout_ns)
 {
 	struct io_uring_cqe *cqe;
@@ -342,8 +344,11 @@ static int enter(struct iokit_ring *r, int64_t timeout_ns)
 	r->counters.enters++;
 	if (timeout_ns == 0 || io_uring_cq_ready(&r->ring))
 		return io_uring_submit_and_get_events(&r->ring);
+	/* Always with a timeout: without one, liburing 2.3 re-enters by itself when a signal cuts short a wait that
+	 * also submitted (the kernel then answers with the count submitted, not -EINTR), so the signal would never
+	 * reach Python. With one it returns, and so do we (see iokit_ring_wait). Python waits again after a timeout. */
 	if (timeout_ns < 0)
-		return io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, NULL, NULL);
+		timeout_ns = FOREVER_SLICE_NS;
 	set_timespec(&ts, (uint64_t)timeout_ns);
 	return io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
 }
@@ -366,8 +371,10 @@ int iokit_ring_wait(struct iokit_ring *r, int64_t timeout_ns, uint64_t *ids, int
 		if (ret < 0 && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
 			return ret;
 		reaped = reap(r, ids, results, cqe_flags, max);
-		/* A CQE of our own alone (a cancel result) is no reason to return while time is left. */
-		if (reaped || r->woken || timeout_ns == 0 || ret == -ETIME)
+		/* A CQE of our own alone (a cancel result) is no reason to return while time is left. But an enter that
+		 * submitted SQEs reports their count, not -EINTR, when a signal cuts its wait short: go back to Python then
+		 * too (it runs its handlers and calls again), or an idle server would never see its SIGTERM. */
+		if (reaped || r->woken || timeout_ns == 0 || ret == -ETIME || ret > 0)
 			return (int)reaped;
 		if (deadline) {
 			timeout_ns = deadline - monotonic_ns();

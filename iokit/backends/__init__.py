@@ -3,7 +3,8 @@
 ``auto`` prefers ``uring`` and falls back to ``epoll``, and always says why (``Backend.chosen_because``). Ask for a
 backend by name to refuse any fallback: ``open_backend("uring")`` raises ``BackendUnavailable`` with the reason and
 what to do, instead of quietly running on something else. ``IOKIT_BACKEND`` in the environment sets what ``auto``
-means (handy for running a whole program on another model).
+means (handy for running a whole program on another model); ``IOKIT_FAULTS`` wraps the backend in the fault injector
+(``backends/faults.py``).
 """
 
 from __future__ import annotations
@@ -79,11 +80,17 @@ def open_backend(name: str = "auto", **options) -> Backend:
                 continue
             backend.chosen_because = ("auto: " + ("; ".join(refusals) + f"; so {candidate}" if refusals
                                                   else f"{candidate} is available"))
-            return backend
+            return _with_faults_if_asked(backend)
         raise BackendUnavailable("auto", "; ".join(refusals))
     backend = _open_named(name, options)
     backend.chosen_because = f"asked for {name}"
-    return backend
+    return _with_faults_if_asked(backend)
+
+
+def _with_faults_if_asked(backend: Backend) -> Backend:
+    # IOKIT_FAULTS="eagain=0.1,short=0.3,seed=1" puts any program, example servers included, under fault injection.
+    from .faults import wrap_from_environment
+    return wrap_from_environment(backend)
 
 
 def _open_named(name: str, options: dict) -> Backend:

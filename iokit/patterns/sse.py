@@ -94,11 +94,21 @@ def check_topic(topic: str, limits: PushLimits) -> str:
 
 
 def parse_message(body: bytes) -> str:
-    """Return the JSON body of a published message, re-encoded on one line. Raises ``InvalidMessage`` if not JSON."""
+    """Return the JSON body of a published message, re-encoded on one line. Raises ``InvalidMessage`` if not JSON, or
+    if it holds a lone surrogate escape (JSON allows ``"\\ud800"``; it has no UTF-8 form to send)."""
     try:
-        return compact_json(json.loads(body))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidMessage(f"the message must be JSON: {error}") from None
+        message = compact_json(json.loads(body))
+        message.encode("utf-8")
+    except (ValueError, UnicodeError) as error:
+        raise InvalidMessage(f"the message must be JSON text with a UTF-8 form: {error}") from None
+    return message
+
+
+def _ascii_number(value: str, max_digits: int = 19) -> int | None:
+    # str.isdigit() also accepts superscripts and other scripts' digits, which int() refuses: ASCII digits only.
+    if value.isascii() and value.isdigit() and len(value) <= max_digits:
+        return int(value)
+    return None
 
 
 def parse_last_event_id(value: str | None) -> int | None:
@@ -106,8 +116,8 @@ def parse_last_event_id(value: str | None) -> int | None:
     one of our ids (it can only be answered with a reset)."""
     if value is None or value.strip() == "":
         return None
-    value = value.strip()
-    return int(value) if value.isdigit() else -1
+    number = _ascii_number(value.strip())
+    return -1 if number is None else number
 
 
 # -- the ring ----------------------------------------------------------------------------------------------------------
@@ -129,9 +139,10 @@ class EventRing:
         self.latest_seq = 0
 
     def append(self, topic: str, data: str) -> Event:
-        """Number and keep a new event on ``topic``; return it."""
-        self.latest_seq += 1
-        event = Event(self.latest_seq, topic, format_event(data, event_id=self.latest_seq))
+        """Number and keep a new event on ``topic``; return it. The number is taken only once the event is formatted,
+        so an event that cannot be formatted leaves no gap in the ids."""
+        event = Event(self.latest_seq + 1, topic, format_event(data, event_id=self.latest_seq + 1))
+        self.latest_seq = event.seq
         self._events.append(event)
         return event
 
@@ -340,8 +351,8 @@ class EventStreamParser:
             self._data.append(value)
         elif name == "id" and "\0" not in value:
             self.last_event_id = value
-        elif name == "retry" and value.isdigit():
-            self.retry = self._retry_in_block = int(value)
+        elif name == "retry" and _ascii_number(value) is not None:
+            self.retry = self._retry_in_block = _ascii_number(value)
         return None
 
     def _dispatch(self) -> ReceivedEvent | None:

@@ -193,7 +193,11 @@ def parse_concat(value: str | None) -> Concat | None:
         raise tus_error(400, "invalid_concat", f"Upload-Concat must be 'partial' or 'final;<urls>', not {value!r}")
     part_ids = []
     for url in urls.split():
-        found = _UPLOAD_PATH.fullmatch(urllib.parse.urlsplit(url).path)
+        try:
+            path = urllib.parse.urlsplit(url).path
+        except ValueError:  # e.g. "http://[x/files/..": urlsplit refuses a malformed IPv6 host
+            path = ""
+        found = _UPLOAD_PATH.fullmatch(path)
         if found is None:
             raise tus_error(400, "invalid_concat", f"{url!r} in Upload-Concat is not an upload of this server")
         part_ids.append(found[1])
