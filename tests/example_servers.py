@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))  # the examples' shared modules (binproto.py) import from there
 
-_LISTENING = re.compile(r"^listening on (?P<host>[^\s]+):(?P<port>\d+) backend=(?P<backend>\w+)$")
+_LISTENING = re.compile(r"^listening on (?P<host>[^\s]+):(?P<port>\d+) backend=(?P<backend>[\w:]+)$")  # faulty:epoll under IOKIT_FAULTS
 
 
 def _backend_params() -> list:
