@@ -29,9 +29,9 @@ a one-byte view of it), so the buffer outlives the kernel's use through both tab
 to the attempt in flight, and the op settles only when that attempt does. ``close()`` cancels, drains, then closes the
 inner backend. ``statistics().extra`` holds the injected-fault counters and the inner backend's own statistics.
 
-Construct it directly, ``FaultyBackend(open_backend("epoll"), seed=1, short=0.3)``; or, through ``open_backend``
-(``PREFIX`` and ``wrap_from_environment``), by name, ``"faulty:epoll"``, or for any backend, with the rates in
-``IOKIT_FAULTS="eagain=0.1,short=0.3,seed=1"``.
+Construct it directly, ``FaultyBackend(open_backend("epoll"), seed=1, short=0.3)``; or put a whole program under faults,
+example servers included, with ``IOKIT_FAULTS="eagain=0.1,short=0.3,seed=1"``, which ``open_backend`` reads (through
+``wrap_from_environment``). Its name is the inner one's with ``PREFIX``: ``faulty:epoll``.
 """
 
 from __future__ import annotations
