@@ -91,8 +91,9 @@ class ServerProcess:
             raise AssertionError(f"no 'listening on' line, got {line!r}\n{self.stderr_text}")
         self.listening_line = line.rstrip("\n")
         self.address = (found["host"], int(found["port"]))
-        if self.backend != "auto":
-            assert found["backend"] == self.backend, line
+        if self.backend != "auto" and found["backend"] != self.backend:
+            self.close()  # never leave a running server behind a failed start
+            raise AssertionError(f"asked for backend {self.backend!r}, the server says {line!r}")
 
     @property
     def port(self) -> int:
