@@ -211,29 +211,29 @@ def test_connect_to_a_closed_port_is_refused(run):
         run(main)
 
 
+async def echo_through_a_connection(data: bytes) -> bytes:
+    """Send ``data`` through a TCP echo (server task: recv, sendall, until end of stream); return what came back."""
+    client, server = await tcp_pair()
+    async with client, server:
+        async def echo():
+            while chunk := await server.receive_some():
+                await server.sendall(chunk)
+            await server.shutdown_write()
+
+        async def send():
+            await client.sendall(data)
+            await client.shutdown_write()
+
+        async with TaskGroup() as group:
+            group.spawn(echo)
+            group.spawn(send)
+            return await receive_until_eof(client)
+
+
 @pytest.mark.parametrize("size", [1, 64 << 10, 1 << 20, 8 << 20], ids=["1B", "64KiB", "1MiB", "8MiB"])
 def test_echo(run, size):
     data = os.urandom(size)
-
-    async def main():
-        client, server = await tcp_pair()
-        async with client, server:
-            async def echo():
-                while chunk := await server.receive_some():
-                    await server.sendall(chunk)
-                await server.shutdown_write()
-
-            async def send():
-                await client.sendall(data)
-                await client.shutdown_write()
-
-            async with TaskGroup() as group:
-                group.spawn(echo)
-                group.spawn(send)
-                echoed = await receive_until_eof(client)
-        return echoed
-
-    echoed = run(main)
+    echoed = run(echo_through_a_connection, data)
     assert len(echoed) == size
     assert echoed == data
 

@@ -26,7 +26,7 @@ import iokit
 from conftest import LEAK_CHECKED_MODULES, BACKEND_NAMES, require_backend
 from example_servers import EXAMPLES, ServerProcess
 from _helpers import collect, idle_socketpair
-from test_conformance import receive_exactly, receive_until_eof, tcp_pair
+from test_conformance import echo_through_a_connection, receive_exactly, receive_until_eof, tcp_pair
 from iokit import TaskGroup, move_on_after, ops, perform, serve, sleep
 from iokit.backends.epoll import EpollBackend
 from iokit.backends.faults import FaultRates, FaultyBackend, wrap_from_environment
@@ -65,25 +65,6 @@ def run_under_faults(inner_name: str, main, *args, seed: int = 1, **rates):
         backend.close()
     check_nothing_in_flight(backend, "after close()")
     return result, injected
-
-
-async def echo_through_a_connection(data: bytes) -> bytes:
-    """Send ``data`` through a TCP echo (server task: recv, sendall, until end of stream); return what came back."""
-    client, server = await tcp_pair()
-    async with client, server:
-        async def echo():
-            while chunk := await server.receive_some():
-                await server.sendall(chunk)
-            await server.shutdown_write()
-
-        async def send():
-            await client.sendall(data)
-            await client.shutdown_write()
-
-        async with TaskGroup() as group:
-            group.spawn(echo)
-            group.spawn(send)
-            return await receive_until_eof(client)
 
 
 # --- the wrapper itself -----------------------------------------------------------------------------------------------
