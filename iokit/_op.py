@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import enum
 import os
-import select
 import socket
 from typing import Any, Sequence
 
@@ -59,11 +58,8 @@ class OpState(enum.IntEnum):
 # Kinds whose result is a new fd: if such an op completes after its cancel was asked for, nobody will take the fd, so
 # the backend closes it (see ``Backend._finish``).
 FD_RESULT_KINDS = frozenset({OpKind.ACCEPT, OpKind.OPEN})
-# Kinds that may wait on a socket's readiness (the others are file or bookkeeping ops).
-SOCKET_KINDS = frozenset({OpKind.ACCEPT, OpKind.CONNECT, OpKind.RECV, OpKind.SEND, OpKind.POLL})
 FILE_KINDS = frozenset({OpKind.READ, OpKind.WRITE, OpKind.READV, OpKind.WRITEV, OpKind.FSYNC, OpKind.FDATASYNC,
                         OpKind.OPEN})
-_READING_KINDS = frozenset({OpKind.READ, OpKind.READV, OpKind.RECV, OpKind.ACCEPT})
 
 
 class Op:
@@ -277,7 +273,3 @@ def poll(fd: int, events: int) -> Op:
     """Wait until ``fd`` is ready for ``events`` (``select.POLLIN`` / ``POLLOUT``); result: the ready mask."""
     return Op(OpKind.POLL, _check_fd(fd), flags=events)
 
-
-def is_reading(op: Op) -> bool:
-    """True for ops that wait for the fd to become readable (as opposed to writable)."""
-    return op.kind in _READING_KINDS or (op.kind is OpKind.POLL and not op.flags & select.POLLOUT)

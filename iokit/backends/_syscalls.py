@@ -26,6 +26,7 @@ import time
 from .._op import Op, OpKind
 
 EAGAIN = -errno.EAGAIN
+_WAITS_FOR_WRITABLE = frozenset({OpKind.SEND, OpKind.WRITE, OpKind.WRITEV, OpKind.CONNECT})
 _IN_PROGRESS = {errno.EINPROGRESS, errno.EALREADY}
 
 
@@ -179,9 +180,10 @@ def _recv_flags(op: Op) -> int:
 
 
 def wants_writable(op: Op) -> bool:
-    """True if a not-ready ``op`` waits for POLLOUT (send, connect, poll for writing), False for POLLIN."""
+    """True if a not-ready ``op`` waits for POLLOUT (send, write to a pipe or socket, connect, poll for writing),
+    False for POLLIN."""
     kind = op.kind
-    return kind is OpKind.SEND or kind is OpKind.CONNECT or (kind is OpKind.POLL and bool(op.flags & select.POLLOUT))
+    return kind in _WAITS_FOR_WRITABLE or (kind is OpKind.POLL and bool(op.flags & select.POLLOUT))
 
 
 def wait_then_attempt(op: Op, wake_fd: int) -> int:

@@ -48,8 +48,9 @@ import threading
 import time
 from typing import Mapping
 
-from .._op import Op, OpKind, OpState, is_reading
+from .._op import Op, OpKind, OpState
 from ._base import ECANCELED, Backend
+from ._syscalls import wants_writable
 
 __all__ = ["ENVIRONMENT_VARIABLE", "PREFIX", "FaultRates", "FaultyBackend", "wrap_from_environment"]
 
@@ -304,7 +305,7 @@ class FaultyBackend(Backend):
         return False
 
     def _readiness_wait(self, op: Op) -> _Attempt:
-        events = select.POLLIN if is_reading(op) else select.POLLOUT
+        events = select.POLLOUT if wants_writable(op) else select.POLLIN
         return _Attempt(op, OpKind.POLL, is_readiness_wait=True, follows_outer=self.task_per_thread, flags=events)
 
     def _attempt(self, op: Op) -> _Attempt:
