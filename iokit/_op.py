@@ -65,10 +65,21 @@ FILE_KINDS = frozenset({OpKind.READ, OpKind.WRITE, OpKind.READV, OpKind.WRITEV, 
 class Op:
     """One I/O request. Build it with the functions of this module (``read_at``, ``recv_into``, ...)."""
 
-    __slots__ = ("kind", "fd", "buffer", "buffers", "size", "data", "offset", "flags", "path", "mode", "address",
-                 "timeout",
-                 "deadline", "state", "result", "id", "cancel_requested", "waiter", "wake_fd", "backend_data",
-                 "user_data", "__weakref__")
+    # The fields every op uses live in slots. The others are class-level defaults that the few kinds needing them
+    # override per instance (in the instance dict, created only then): building an op is on every I/O's path, and
+    # each attribute set costs about as much as a small syscall's Python overhead.
+    __slots__ = ("kind", "fd", "buffer", "offset", "flags", "deadline", "state", "result", "id", "cancel_requested",
+                 "waiter", "backend_data", "__dict__", "__weakref__")
+
+    buffers: tuple = ()       # READV/WRITEV: the buffers
+    size = 0                  # RECV without a buffer: the most bytes to receive
+    data = b""                # RECV without a buffer: the bytes received
+    path = b""                # OPEN
+    mode = 0                  # OPEN
+    address: Any = None       # CONNECT
+    timeout = 0.0             # TIMEOUT: seconds
+    wake_fd = -1              # blocking backends: an eventfd that interrupts the wait when cancelling
+    user_data: Any = None     # free for the caller
 
     def __init__(self, kind: OpKind, fd: int = -1, *, buffer: memoryview | None = None,
                  buffers: tuple[memoryview, ...] = (), size: int = 0, offset: int = 0, flags: int = 0,
@@ -77,15 +88,8 @@ class Op:
         self.kind = kind
         self.fd = fd
         self.buffer = buffer
-        self.buffers = buffers
-        self.size = size          # RECV without a buffer: the most bytes to receive
-        self.data = b""           # RECV without a buffer: the bytes received
         self.offset = offset
         self.flags = flags
-        self.path = path
-        self.mode = mode
-        self.address = address
-        self.timeout = timeout
         # Absolute time.monotonic() after which the backend cancels the op by itself (an io_uring linked timeout).
         self.deadline: float | None = None
         self.state = OpState.NEW
@@ -93,9 +97,21 @@ class Op:
         self.id = 0
         self.cancel_requested = False
         self.waiter: Any = None        # the runtime's task parked on this op
-        self.wake_fd = -1              # blocking backends: an eventfd that interrupts the wait when cancelling
         self.backend_data: Any = None  # private to the backend that owns the op in flight
-        self.user_data = user_data     # free for the caller
+        if buffers:
+            self.buffers = buffers
+        if size:
+            self.size = size
+        if path:
+            self.path = path
+        if mode:
+            self.mode = mode
+        if address is not None:
+            self.address = address
+        if timeout:
+            self.timeout = timeout
+        if user_data is not None:
+            self.user_data = user_data
 
     @property
     def done(self) -> bool:
@@ -122,6 +138,8 @@ class Op:
 # --- validation helpers -----------------------------------------------------------------------------------------
 
 def _check_fd(fd: int) -> int:
+    if type(fd) is int and fd >= 0:
+        return fd
     if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"fd must be an int, not {type(fd).__name__}")
     if fd < 0:
@@ -130,6 +148,8 @@ def _check_fd(fd: int) -> int:
 
 
 def _check_offset(offset: int, *, allow_current: bool = True) -> int:
+    if type(offset) is int and offset >= 0:
+        return offset
     if not isinstance(offset, int) or isinstance(offset, bool):
         raise TypeError(f"offset must be an int, not {type(offset).__name__}")
     if offset < 0 and not (allow_current and offset == -1):
@@ -139,6 +159,9 @@ def _check_offset(offset: int, *, allow_current: bool = True) -> int:
 
 def as_byte_view(buffer: Any, *, writable: bool) -> memoryview:
     """Return a flat byte view of ``buffer`` (anything with the buffer protocol), checking it can be written if asked."""
+    kind = type(buffer)
+    if kind is bytearray or (kind is bytes and not writable):
+        return memoryview(buffer)  # always flat bytes: the checks below cannot fail
     try:
         view = memoryview(buffer)
     except TypeError:

@@ -27,17 +27,19 @@ import select
 import signal
 import threading
 import time
+import types
 from typing import Any, Awaitable, Callable
 
 from . import _traps
 from ._errors import Cancelled, check_result
-from ._op import Op
+from ._op import Op, OpState
 from ._scopes import LOCK, CancelScope, current_task, set_current_task
 from .backends import Backend, open_backend
 from .backends._syscalls import drain_eventfd
 from .backends._timers import poll_milliseconds
 
 _ECANCELED = -errno.ECANCELED
+_DONE = OpState.DONE
 
 
 class Task:
@@ -55,7 +57,7 @@ class Task:
         self.finished = False
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._abort: Callable[[], bool] | None = None  # set while parked
+        self._abort: "Callable[[], bool] | Op | None" = None  # set while parked (the op, when parked on one)
         self._resume: tuple | None = None              # (value, exception) waiting to be delivered (thread driver)
         self.wake_fd = -1                              # thread driver: the eventfd this task's thread waits on
         self._done_waiters: collections.deque[Task] = collections.deque()
@@ -156,7 +158,13 @@ class _Driver:
     def deliver_cancel(self, task: Task) -> None:
         """A scope covering ``task`` was cancelled (called under LOCK): interrupt what it waits on."""
         abort = task._abort
-        if abort is not None and abort():
+        if abort is None:
+            return
+        if isinstance(abort, Op):
+            # Parked on an op (the loop driver stores the op, not a closure, on this hot path): ask the backend to
+            # cancel it; the task wakes when the op settles.
+            self.backend.cancel(abort)
+        elif abort():
             task._abort = None
             self.reschedule(task, exc=Cancelled())
 
@@ -256,14 +264,13 @@ class LoopDriver(_Driver):
                 op.waiter = None
                 self._ready.append((task, None, error))
                 return
-            if op.done:  # finished at once (epoll's first try, a file op inline): no need to wait for wait()
+            if op.state is _DONE:  # finished at once (epoll's first try, a file op inline): no wait() needed
                 op.waiter = None
                 self._ready.append((task, op, None))
                 return
-            backend = self.backend
-            task._abort = lambda: backend.cancel(op) or False
+            task._abort = op  # see deliver_cancel
             if task.scope.is_cancelled():
-                backend.cancel(op)
+                self.backend.cancel(op)
         elif kind == "park":
             with LOCK:
                 if self.park_aborted_at_once(task, trap[1]):
@@ -439,20 +446,26 @@ def current_time() -> float:
     return time.monotonic()
 
 
-async def perform(op: Op) -> int:
-    """Submit ``op`` and wait for it; return its result or raise the ``OSError`` it failed with.
+@types.coroutine
+def perform(op: Op) -> Any:
+    """Submit ``op`` and wait for it; return its result or raise the ``OSError`` it failed with (``await perform(op)``).
 
     If the task is cancelled while the op is in flight, the backend is asked to cancel it and the task waits until the
     op has settled: ``Cancelled`` is raised if the cancel won; if the op finished first, its result is returned (no
     byte is thrown away) and ``Cancelled`` comes at the next checkpoint.
     """
+    # A generator that yields the io trap itself, rather than an ``async def`` awaiting ``_traps.io``: every op goes
+    # through here, and this saves a coroutine object and a frame per op.
     task = current_task()
     if task.scope.is_cancelled():
         raise Cancelled()
-    await _traps.io(op)
-    if op.result == _ECANCELED and (op.cancel_requested or task.scope.is_cancelled()):
+    yield ("io", op)
+    result = op.result
+    if result >= 0:
+        return result
+    if result == _ECANCELED and (op.cancel_requested or task.scope.is_cancelled()):
         raise Cancelled()
-    return check_result(op.result)
+    return check_result(result)
 
 
 async def checkpoint() -> None:

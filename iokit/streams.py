@@ -73,10 +73,14 @@ class SocketStream(_AsyncClosing):
     async def sendall(self, data: Any) -> None:
         """Send all of ``data``. On failure or cancel, the exception raised has ``bytes_sent`` set."""
         view = ops.as_byte_view(data, writable=False)
+        fd = self.socket.fileno()
         sent = 0
         try:
-            while sent < view.nbytes:
-                sent += await perform(ops.send(self.fileno(), view[sent:]))
+            total = view.nbytes
+            if total:
+                sent = await perform(ops.send(fd, view))  # the usual case: one send takes it all
+            while sent < total:
+                sent += await perform(ops.send(fd, view[sent:]))
         except BaseException as exc:
             exc.bytes_sent = sent
             raise

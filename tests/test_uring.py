@@ -399,6 +399,7 @@ def test_cancelled_accept_that_completes_anyway_closes_its_fd(no_fd_leak):
             with socket.create_server(("127.0.0.1", 0)) as listener:
                 accept = ops.accept(listener.fileno())
                 backend.submit(accept)
+                assert backend.wait(0) == []  # hands the accept to the kernel (submit() only queues it)
                 with socket.create_connection(listener.getsockname()) as client:
                     time.sleep(0.05)
                     backend.cancel(accept)

@@ -38,6 +38,7 @@ from .._errors import BackendClosed
 from .._op import FD_RESULT_KINDS, Op, OpState
 
 ECANCELED = -errno.ECANCELED
+_NEW, _IN_FLIGHT, _DONE = OpState.NEW, OpState.IN_FLIGHT, OpState.DONE
 
 
 @dataclasses.dataclass
@@ -67,7 +68,6 @@ class Backend(abc.ABC):
         self._in_flight: dict[int, Op] = {}
         self._ids = itertools.count(1)
         self._completed: list[Op] = []
-        self._submitted_count = 0
         self._completed_count = 0
         self._syscalls: int | None = None  # backends that can count their syscalls set this to 0 and count
         self._closed = False
@@ -128,7 +128,9 @@ class Backend(abc.ABC):
             self._release()
 
     def statistics(self) -> BackendStatistics:
-        return BackendStatistics(self.name, len(self._in_flight), self._submitted_count, self._completed_count,
+        # Every op submitted is in the table or has completed: no counter to keep on the submit path.
+        in_flight = len(self._in_flight)
+        return BackendStatistics(self.name, in_flight, in_flight + self._completed_count, self._completed_count,
                                  self._syscalls, self._extra_statistics())
 
     @property
@@ -150,12 +152,11 @@ class Backend(abc.ABC):
         """Put ``op`` in the in-flight table under a new id."""
         if self._closed:
             raise BackendClosed(f"{self.name} backend is closed")
-        if op.state is not OpState.NEW:
+        if op.state is not _NEW:
             raise ValueError(f"{op!r} was already submitted; an op is used once")
-        op.id = next(self._ids)
-        op.state = OpState.IN_FLIGHT
-        self._in_flight[op.id] = op
-        self._submitted_count += 1
+        op.id = op_id = next(self._ids)
+        op.state = _IN_FLIGHT
+        self._in_flight[op_id] = op
 
     def _finish(self, op: Op, result: int) -> None:
         """The op's final completion: record the result, leave the table, queue it for ``wait()``."""
@@ -164,7 +165,7 @@ class Backend(abc.ABC):
             os.close(result)
             result = ECANCELED
         op.result = result
-        op.state = OpState.DONE
+        op.state = _DONE
         op.backend_data = None
         del self._in_flight[op.id]
         self._completed_count += 1

@@ -74,6 +74,17 @@ _MAX_TRANSFER = 0x7FFFF000    # the kernel's MAX_RW_COUNT: larger reads and writ
 _CQE_F_BUFFER = 1 << 0
 _CQE_F_MORE = 1 << 1
 _CQE_BUFFER_SHIFT = 16
+_IN_FLIGHT = OpState.IN_FLIGHT
+_KINDS_WITH_SET_UP = frozenset({OpKind.CONNECT, OpKind.CLOSE})  # see _ready_for_sqe
+_ONE_BUFFER_KINDS = frozenset({OpKind.READ, OpKind.WRITE, OpKind.RECV, OpKind.SEND})
+# struct iokit_op (csrc/iokit_uring.h), field by field: id, addr, offset, timeout_ns, deadline_ns, len, flags, mode,
+# fd, kind, fixed_file. Checked against the C layout below, at import.
+_DESCRIPTOR = struct.Struct("=QQqQQIIIiBB6x")
+_DESCRIPTOR_SIZE = _DESCRIPTOR.size
+if ffi.sizeof("struct iokit_op") != _DESCRIPTOR_SIZE or [ffi.offsetof("struct iokit_op", name) for name in (
+        "id", "addr", "offset", "timeout_ns", "deadline_ns", "len", "flags", "mode", "fd", "kind", "fixed_file")] != [
+        0, 8, 16, 24, 32, 40, 44, 48, 52, 56, 57]:
+    raise ImportError("struct iokit_op in csrc/iokit_uring.h no longer matches _DESCRIPTOR in iokit/backends/uring.py")
 _ETIME = -errno.ETIME
 _ENOBUFS = -errno.ENOBUFS
 _EINTR = -errno.EINTR
@@ -130,7 +141,9 @@ class UringBackend(Backend):
         #: Each feature's name -> whether this ring uses it (plus the kernel facts nodrop, ext_arg, fast_poll).
         self.features = {name: bool(bits & bit) for name, bit in {**FEATURES, **_KERNEL_FACTS}.items()}
         self._wake_fd = lib.iokit_ring_wakeup_fd(self._ring)
-        self._descriptors = ffi.new("struct iokit_op[]", BATCH)
+        # The descriptors C reads, as bytes that _describe_chunk packs (and a typed view for the other kinds).
+        self._descriptor_bytes = bytearray(BATCH * _DESCRIPTOR_SIZE)
+        self._descriptors = ffi.from_buffer("struct iokit_op[]", self._descriptor_bytes)
         self._cancel_descriptor = ffi.new("struct iokit_op *", {"kind": lib.IOKIT_CANCEL})
         capacity = max(BATCH, cq_entries or 2 * entries)
         self._capacity = capacity
@@ -139,7 +152,10 @@ class UringBackend(Backend):
         self._out_flags = ffi.new("uint32_t[]", capacity)
         self._counters = ffi.new("struct iokit_counters *")
         self._describers = self._describer_table()
-        self._backlog: list[Op] = []         # admitted ops the SQ had no room for yet, in order
+        # Admitted ops not in the SQ yet, in order: those submit() queued for the next wait(), and those the SQ had no
+        # room for. Their ids too, so that a cancel can tell at once that the kernel never saw the op.
+        self._backlog: list[Op] = []
+        self._backlog_ids: set[int] = set()
         self._cancel_backlog: list[int] = []  # ids of cancel requests the SQ had no room for yet
         self._deadline_timers = None if self.features["linked_timeouts"] else TimerHeap()
         self._fixed_slots: dict[int, int] = {}  # registered fd -> its slot in the fixed-file table
@@ -225,10 +241,12 @@ class UringBackend(Backend):
     # --- Backend hooks ----------------------------------------------------------------------------------------------
 
     def _start(self, op: Op) -> None:
-        # Queued, not submitted: the next wait() hands every op queued since the last one to the kernel in the same
-        # io_uring_enter that waits, so a round of the runtime costs one syscall, not one per op.
-        if self._ready_for_sqe(op):
-            self._prepare([op], submit=False)
+        # Queued, not even described yet: the next wait() describes every op queued since the last one in one pass,
+        # prepares their SQEs in one C call and submits them in the io_uring_enter that waits. A round of the runtime
+        # costs one syscall and one C call, not one per op.
+        if op.deadline is None and op.kind not in _KINDS_WITH_SET_UP or self._ready_for_sqe(op):
+            self._backlog.append(op)
+            self._backlog_ids.add(op.id)
 
     def _request_cancel(self, op: Op) -> None:
         self._cancel(op)
@@ -289,7 +307,7 @@ class UringBackend(Backend):
 
     def _ready_for_sqe(self, op: Op) -> bool:
         """Do what must precede an admitted op's SQE (few kinds need anything). False: the op was finished here."""
-        if op.kind is not OpKind.CONNECT and op.kind is not OpKind.CLOSE and op.deadline is None:
+        if op.kind not in _KINDS_WITH_SET_UP and op.deadline is None:
             return True
         if op.kind is OpKind.CONNECT:
             family = lib.iokit_socket_family(op.fd)
@@ -307,28 +325,60 @@ class UringBackend(Backend):
         return True
 
     def _prepare(self, ops: list[Op], *, submit: bool) -> None:
-        """Describe ``ops`` to C, ``BATCH`` at a time, and prepare their SQEs (submitting them if ``submit``). What
-        the SQ has no room for goes to the backlog, behind what is already there."""
+        """Describe ``ops`` to C, ``BATCH`` at a time, and prepare their SQEs (submitting them if ``submit``). The
+        backlog goes first; what the SQ has no room for goes back to it, in order."""
         if self._backlog:
             ops = self._backlog + ops
             self._backlog = []
+        self._backlog_ids.clear()
         prepare = lib.iokit_ring_submit_ops if submit else lib.iokit_ring_queue_ops
         descriptors = self._descriptors
         start = 0
         while start < len(ops):
-            chunk = ops[start:start + BATCH]
-            for index, op in enumerate(chunk):
-                self._describe(descriptors[index], op)
-            count = prepare(self._ring, descriptors, len(chunk))
+            chunk = [op for op in ops[start:start + BATCH] if op.state is _IN_FLIGHT]  # not cancelled meanwhile
+            self._describe_chunk(chunk)
+            count = prepare(self._ring, descriptors, len(chunk)) if chunk else 0
             if count < 0:
                 # The kernel refuses the ring itself (e.g. EEXIST: not the ring's thread): the op fails with it.
                 self._finish(chunk[0], count)
-                start += 1
+                ops = chunk[1:] + ops[start + BATCH:]
+                start = 0
                 continue
-            start += count
             if count < len(chunk):
+                ops = chunk[count:] + ops[start + BATCH:]
                 break
-        self._backlog = ops[start:]
+            start += BATCH
+        else:
+            return
+        self._backlog = ops
+        self._backlog_ids.update(op.id for op in ops)
+
+    def _describe_chunk(self, chunk: list[Op]) -> None:
+        """Fill the first ``len(chunk)`` descriptors. Ops that move one buffer (the bulk of any workload) take a fast
+        path: one ``struct.pack_into`` of every field and one assignment of the buffer's address, rather than a cffi
+        attribute assignment per field."""
+        raw, descriptors, pack = self._descriptor_bytes, self._descriptors, _DESCRIPTOR.pack_into
+        fixed_slots = self._fixed_slots
+        timers_in_python = self._deadline_timers is not None
+        from_buffer = ffi.from_buffer
+        for index, op in enumerate(chunk):
+            kind = op.kind
+            buffer = op.buffer
+            if buffer is None or kind not in _ONE_BUFFER_KINDS or op.__class__ is not Op:
+                self._describe(descriptors[index], op)
+                continue
+            fd = op.fd
+            slot = fixed_slots.get(fd) if fixed_slots else None
+            if slot is not None:
+                fd = slot
+                self._fixed_file_ops += 1
+            deadline = op.deadline
+            nbytes = buffer.nbytes
+            pack(raw, index * _DESCRIPTOR_SIZE, op.id, 0, op.offset, 0,
+                 0 if deadline is None or timers_in_python else int(deadline * 1e9),
+                 nbytes if nbytes < _MAX_TRANSFER else _MAX_TRANSFER, op.flags, 0, fd, kind, slot is not None)
+            keep = op.backend_data = from_buffer(buffer)
+            descriptors[index].addr = keep
 
     def _offer_backlog(self) -> None:
         cancels, self._cancel_backlog = self._cancel_backlog, []
@@ -431,9 +481,9 @@ class UringBackend(Backend):
     # --- cancel and deadlines -------------------------------------------------------------------------------------
 
     def _cancel(self, op: Op) -> None:
-        if self._backlog and op in self._backlog:
-            # The kernel never saw it: it settles here and now.
-            self._backlog.remove(op)
+        if op.id in self._backlog_ids:
+            # The kernel never saw it: it settles here and now (_prepare skips it when the backlog is offered).
+            self._backlog_ids.discard(op.id)
             self._finish(op, ECANCELED)
             return
         self._queue_cancel(op.id)
@@ -459,15 +509,14 @@ class UringBackend(Backend):
         results = ffi.unpack(self._out_results, count)
         cqe_flags = ffi.unpack(self._out_flags, count)
         self._report_round += 1
-        for index, op_id in enumerate(ids):
+        for op_id, result, flags in zip(ids, results, cqe_flags):
             op = table[op_id]
-            result = results[index]
             if op.__class__ is MultishotOp:
-                self._stream_completion(op, result, cqe_flags[index])
+                self._stream_completion(op, result, flags)
             elif result == _ETIME and op.kind is OpKind.TIMEOUT:
                 finish(op, 0)  # a TIMEOUT's expiry is its success
             elif op.size and op.kind is OpKind.RECV:
-                self._receive_completion(op, result, cqe_flags[index])
+                self._receive_completion(op, result, flags)
             else:
                 finish(op, result)
         if self._reported:

@@ -31,7 +31,11 @@ import sys
 import time
 
 BLOCK = 4096
-WRITE_WRAP_BYTES = 256 * 2**20   # sequential writes start over at the file's start past this, as fio's size= does
+WRITE_WRAP_BYTES = 256 * 2**20
+# After a wait() that returned many completions, the replacements go out REFILL_BATCH at a time rather than all at the
+# end, so that the device is not left with a shallow queue while Python builds the rest (uring, QD32, O_DIRECT, side by
+# side with fio on our machine: 0.65-0.72x fio's rate with the whole batch at the end, 0.80-0.84x with 8 at a time).
+REFILL_BATCH = 8   # sequential writes start over at the file's start past this, as fio's size= does
 
 
 class TimedRuns:
@@ -112,6 +116,8 @@ def backend_random_reads(backend, fd: int, queue_depth: int, offsets: list[int],
     while True:
         done = backend.wait()
         now = clock()
+        if not runs.tick(now):
+            break
         batch = []
         for op in done:
             _check(op)
@@ -119,9 +125,11 @@ def backend_random_reads(backend, fd: int, queue_depth: int, offsets: list[int],
             new = ops.read_at(fd, op.buffer, next_offset())
             new.user_data = now
             batch.append(new)
-        if not runs.tick(now):
-            break
-        backend.submit_many(batch)
+            if len(batch) == REFILL_BATCH:
+                backend.submit_many(batch)
+                batch = []
+        if batch:
+            backend.submit_many(batch)
     backend.close()   # cancels and drains what is still in flight before the buffers go
 
 

@@ -102,6 +102,15 @@ def _memory_gib() -> float | None:
         return None
 
 
+def python_call_ns() -> float:
+    """Nanoseconds per call of an empty Python function, the best of 5 rounds: how fast this interpreter runs Python
+    code. Builds differ a lot (on the machine of docs/benchmarks.md, Debian's optimised python3.11 takes 28 ns and a
+    plain ``./configure`` build such as pyenv's 49 ns), and every backend row is mostly Python, so rows measured on
+    different interpreters do not compare; this figure says which kind ran."""
+    import timeit
+    return round(min(timeit.repeat("f()", "def f(): pass", number=200_000, repeat=5)) / 200_000 * 1e9, 1)
+
+
 def describe_machine(cores: CorePlan, command: list[str]) -> dict:
     """Everything needed to read the figures later: a flat dict, stored as the JSON's ``machine``."""
     debian = _read("/etc/debian_version")
@@ -118,6 +127,7 @@ def describe_machine(cores: CorePlan, command: list[str]) -> dict:
         "pinning": cores.description,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python_call_ns": python_call_ns(),
         "python_executable": sys.executable,
         "io_uring_disabled_sysctl": _read("/proc/sys/kernel/io_uring_disabled"),
         "liburing": debian_package_version("liburing-dev") or debian_package_version("liburing2"),
@@ -135,7 +145,7 @@ def machine_summary(machine: dict) -> str:
     """Three lines for the top of the terminal output."""
     return (f"{machine['date']}  kernel {machine['kernel']}  {machine['os']}  {machine['cpu_model']} "
             f"x{machine['cpus']}{'  (' + machine['virtualization'] + ')' if machine['virtualization'] else ''}\n"
-            f"{machine['python']}  liburing {machine['liburing'] or 'not installed'}  "
+            f"{machine['python']} ({machine.get('python_call_ns', '?')} ns per call)  liburing {machine['liburing'] or 'not installed'}  "
             f"{machine['fio'] or 'fio not installed'}  wrk {'yes' if machine['wrk'] else 'not installed'}  "
             f"uvloop {machine['uvloop'] or 'not installed'}\n"
             f"{machine['pinning']}; load average {' '.join(map(str, machine['load_average_at_start']))} "
