@@ -32,7 +32,7 @@ MACHINE_FIELDS = ("date", "command", "kernel", "cpu_model", "cpus", "python", "l
 AVAILABLE_BACKENDS = [info.name for info in iokit.backends() if info.available]
 
 
-EXAMPLE_WORKLOADS = {"http": ("http_server.py",), "upload": ("upload_server.py",),
+EXAMPLE_WORKLOADS = {"http": ("http_server.py",), "held-long-polls": ("jobs_server.py",), "upload": ("upload_server.py",),
                      "updates": ("jobs_server.py", "push_server.py")}
 PLOTS = {"echo": "echo", "file": "file-randread", "waiting": "waiting-clients", "http": "http", "upload": "upload",
          "updates": "updates"}

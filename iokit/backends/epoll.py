@@ -23,7 +23,6 @@ The kernel facts this relies on:
 
 from __future__ import annotations
 
-import collections
 import errno
 import os
 import select
@@ -47,8 +46,10 @@ class _Waiters:
     __slots__ = ("readers", "writers")
 
     def __init__(self) -> None:
-        self.readers: collections.deque[Op] = collections.deque()
-        self.writers: collections.deque[Op] = collections.deque()
+        # Lists, not deques: nearly always zero or one op long, and an fd's entry lives as long as the connection
+        # (a deque costs ~600 bytes, times 10,000 connections).
+        self.readers: list[Op] = []
+        self.writers: list[Op] = []
 
 
 class EpollBackend(Backend):
@@ -143,7 +144,7 @@ class EpollBackend(Backend):
             self._pool.deliver(self)
         self._timers.fire(self)
 
-    def _retry(self, queue: collections.deque[Op]) -> None:
+    def _retry(self, queue: list[Op]) -> None:
         # Edge-triggered: keep trying the parked ops, in order, until one finds the fd not ready again.
         while queue:
             op = queue[0]
@@ -151,7 +152,7 @@ class EpollBackend(Backend):
             result = attempt(op)
             if result == EAGAIN:
                 return
-            queue.popleft()
+            del queue[0]
             self._finish(op, result)
 
     def wakeup(self) -> None:

@@ -22,6 +22,15 @@ class LoadFailed(RuntimeError):
     """The load generator reported an error (a refused or reset connection, a server that is not an echo server)."""
 
 
+def loadgen_or_skip(run: BenchRun, workload: str, specs) -> Path | None:
+    """The built load generator, or None after recording ``workload`` as skipped for every server in ``specs``."""
+    loadgen = run.c_program("loadgen")
+    if loadgen is None:
+        for spec in specs:
+            run.skip(workload, spec.name, "the load generator cannot be built")
+    return loadgen
+
+
 def loadgen_command(loadgen: Path, server: Server, *, connections: int, depth: int, size: int = 64,
                     http_path: str | None = None, warmup_s: float, run_s: float, runs: int) -> list[str]:
     command = [str(loadgen), "--host", server.host, "--port", str(server.port), "--connections", str(connections),

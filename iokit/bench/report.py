@@ -21,6 +21,8 @@ TITLES = {
     "echo": "socket echo: C load generator on the other core; ops = messages echoed",
     "http": "HTTP keep-alive GET / against examples/http_server.py",
     "waiting-clients": "waiting clients: memory per idle connection, and a ping-pong client's latency beside them",
+    "held-long-polls": ("held long polls (examples/jobs_server.py): memory per held request, and a short-polling "
+                        "client's latency beside them"),
     "updates": "N clients told of updates at a fixed rate: ops = updates delivered; latency = event to client",
     "upload": "tus upload over one connection; ops = chunks acknowledged (sync: after fdatasync; async: from memory)",
 }
@@ -74,6 +76,8 @@ def describe_params(params: dict) -> str:
             parts.append(f"fsync/{value}")
         elif key == "waiting":
             parts.append(f"{value} waiting")
+        elif key == "held":
+            parts.append(f"{value} held")
         elif key == "request":
             continue
         elif key == "clients":
@@ -99,6 +103,8 @@ def _extra_columns(workload: str) -> list[tuple[str, callable]]:
     if workload == "waiting-clients":
         return [("KiB/client", lambda r: format_number(r.extra.get("rss_per_waiting_client_kib"))),
                 ("threads", lambda r: format_number(r.extra.get("threads")))]
+    if workload == "held-long-polls":
+        return [("KiB/held", lambda r: format_number(r.extra.get("rss_per_held_request_kib")))]
     if workload == "upload":
         return [("MiB/s", lambda r: format_number(r.extra.get("mib_per_s")))]
     if workload == "updates":

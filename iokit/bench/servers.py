@@ -59,12 +59,14 @@ def echo_server_specs(run: BenchRun, buffer_bytes: int | None = None) -> list[Se
     return specs
 
 
-def example_server_specs(run: BenchRun, example: str) -> list[ServerSpec]:
-    """``examples/<example>`` on each backend being measured; unavailable (with the reason) until the file exists."""
+def example_server_specs(run: BenchRun, example: str, *options: str) -> list[ServerSpec]:
+    """``examples/<example>`` (with ``options``) on each backend being measured; unavailable (with the reason) until
+    the file exists."""
     script = EXAMPLES_DIR / example
     if not script.exists():
         return [ServerSpec(backend, None, f"needs examples/{example}") for backend in run.backends]
-    return [ServerSpec(backend, python_script_command(script, "--backend", backend, "--host", HOST, "--port", "0"))
+    return [ServerSpec(backend, python_script_command(script, "--backend", backend, "--host", HOST, "--port", "0",
+                                                      *options))
             for backend in run.backends]
 
 

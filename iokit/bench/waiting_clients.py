@@ -18,7 +18,7 @@ import time
 import psutil
 
 from .context import BenchRun
-from .loadgen import LoadFailed, run_load
+from .loadgen import LoadFailed, loadgen_or_skip, run_load
 from .processes import Server, current_rss_kib, pinned_to
 from .results import summarize
 from .servers import echo_server_specs, sweep
@@ -74,11 +74,9 @@ class WaitingClients:
 def run(run: BenchRun) -> None:
     if not configurations(run):
         return
-    loadgen = run.c_program("loadgen")
     specs = echo_server_specs(run, RECEIVE_BUFFER_BYTES)
+    loadgen = loadgen_or_skip(run, WORKLOAD, specs)
     if loadgen is None:
-        for spec in specs:
-            run.skip(WORKLOAD, spec.name, "the load generator cannot be built")
         return
 
     def measure(server: Server, params: dict):
