@@ -102,6 +102,22 @@ def test_every_workload_ran_on_every_available_backend(tiny_run):
     assert not missing, [(pair, reasons.get(pair, "no reason recorded")) for pair in missing]
 
 
+def test_waiting_rows_report_memory_per_waiting_client(tiny_run):
+    # The tiny run holds 16 idle echo clients and 16 long polls: each row with some held must have held them all and
+    # say what one costs (a figure, not its size: RSS moves by whole pages, so 16 clients cannot show a reliable
+    # size), and its short-poll or ping-pong probe must have been answered.
+    _, data, _ = tiny_run
+    rows = {(r["workload"], r["backend"]): r for r in data["results"] if r["params"].get("waiting") or
+            r["params"].get("held")}
+    for workload, key in (("waiting-clients", "rss_per_waiting_client_kib"),
+                          ("held-long-polls", "rss_per_held_request_kib")):
+        for backend in AVAILABLE_BACKENDS:
+            row = rows[(workload, backend)]
+            assert isinstance(row["extra"][key], float | int), (workload, backend, row["extra"])
+            assert row["extra"]["connect_seconds" if workload == "waiting-clients" else "hold_seconds"] is not None
+            assert row["ops_per_s"] > 0 and not row["extra"].get("errors"), (workload, backend)
+
+
 def test_unavailable_backends_and_missing_examples_are_skipped_with_a_reason(tiny_run):
     _, data, _ = tiny_run
     skipped = {(s["workload"], s["backend"]): s["reason"] for s in data["skipped"]}

@@ -31,11 +31,11 @@ import sys
 import time
 
 BLOCK = 4096
-WRITE_WRAP_BYTES = 256 * 2**20
+WRITE_WRAP_BYTES = 256 * 2**20   # sequential writes start over at the file's start past this, as fio's size= does
 # After a wait() that returned many completions, the replacements go out REFILL_BATCH at a time rather than all at the
 # end, so that the device is not left with a shallow queue while Python builds the rest (uring, QD32, O_DIRECT, side by
 # side with fio on our machine: 0.65-0.72x fio's rate with the whole batch at the end, 0.80-0.84x with 8 at a time).
-REFILL_BATCH = 8   # sequential writes start over at the file's start past this, as fio's size= does
+REFILL_BATCH = 8
 
 
 class TimedRuns:
