@@ -51,7 +51,7 @@ class CancelScope:
 
     # Slots: a server holding 10,000 requests holds a few scopes for each.
     __slots__ = ("_deadline", "shield", "cancel_called", "cancelled_caught", "_parent", "_children", "_tasks",
-                 "_runtime", "_entered", "__weakref__")
+                 "_runtime", "_entered", "_exited", "__weakref__")
 
     def __init__(self, *, deadline: float = math.inf, shield: bool = False) -> None:
         self._deadline = deadline
@@ -65,6 +65,7 @@ class CancelScope:
         self._tasks: set[Task] | frozenset = _NO_MEMBERS
         self._runtime = None
         self._entered = False
+        self._exited = False  # its deadline then no longer matters: the loop driver drops its timer
 
     # --- deadline -----------------------------------------------------------------------------------------------------
 
@@ -101,6 +102,7 @@ class CancelScope:
                 raise RuntimeError("cancel scopes must be exited in the reverse order of entering")
             self._move_task(task, self._parent)
             self._detach()
+            self._exited = True
             if exc_type is not None and issubclass(exc_type, Cancelled) and self.cancel_called:
                 # Ours, unless a scope around us is cancelled too: then it goes on up to that one.
                 if self._parent is None or not self._parent.is_cancelled():

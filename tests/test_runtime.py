@@ -291,6 +291,25 @@ def test_deadline_can_be_moved(run):
     assert caught and 0.09 <= elapsed < 2
 
 
+def test_scopes_that_end_before_their_deadline_leave_no_timers_behind(run):
+    # A server wraps each request in scopes with timeouts it rarely reaches. 20,000 such scopes, each ended long
+    # before its deadline, must not leave 20,000 entries in the loop driver's deadline heap; and a deadline still
+    # live among them must still fire.
+    async def main():
+        driver = iokit.runtime.current_task().runtime
+        with CancelScope(deadline=iokit.current_time() + 0.3) as live:
+            for _ in range(20_000):
+                with CancelScope(deadline=iokit.current_time() + 60):
+                    pass
+            heap_size = len(getattr(driver, "_deadlines", ()))   # the blocking driver keeps none
+            await sleep(10)
+        return heap_size, live.cancelled_caught
+
+    heap_size, caught = run(main)
+    assert caught, "the live deadline did not fire"
+    assert heap_size <= 3000, f"{heap_size} deadline entries kept for 1 live scope"
+
+
 def test_cancelled_scope_raises_at_the_next_checkpoint(run):
     async def main():
         with CancelScope() as scope:
