@@ -113,7 +113,11 @@ class HeldPolls:
     def _wait_until_held(server: Server, count: int) -> None:
         held, progress_at = 0, time.monotonic()
         while True:
-            now_held = _request(server, "GET", "/stats")["held"]
+            try:
+                now_held = _request(server, "GET", "/stats")["held"]
+            except TimeoutError:
+                raise RuntimeError(f"the server did not answer GET /stats within 10 s while holding {held} of "
+                                   f"{count} long polls") from None
             if now_held >= count:
                 return
             if now_held > held:
