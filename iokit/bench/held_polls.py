@@ -81,7 +81,7 @@ class HeldPolls:
             for first in range(0, count, OPEN_BATCH):
                 batch = min(OPEN_BATCH, count - first)
                 self._open(server, request, batch)
-                self._wait_until_held(server, first + batch)
+                self._wait_until_held(server, first, first + batch)
         except BaseException:
             self.close()
             raise
@@ -110,8 +110,9 @@ class HeldPolls:
                 sock.send(request)   # ~100 bytes into an empty send buffer: all of it goes
 
     @staticmethod
-    def _wait_until_held(server: Server, count: int) -> None:
-        held, progress_at = 0, time.monotonic()
+    def _wait_until_held(server: Server, held: int, count: int) -> None:
+        """Wait until the server holds ``count`` long polls (``held`` of them already were)."""
+        progress_at = time.monotonic()
         while True:
             try:
                 now_held = _request(server, "GET", "/stats")["held"]
