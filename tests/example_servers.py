@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import iokit
+from iokit.bench.processes import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -114,16 +115,7 @@ class ServerProcess:
         """Send ``sig`` and return the exit code (killing the process, and returning -9, if it outlives ``timeout``)."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
     def _read_line(self, timeout: float) -> str:
         assert self.process and self.process.stdout

@@ -76,7 +76,6 @@ _CQE_F_MORE = 1 << 1
 _CQE_BUFFER_SHIFT = 16
 _IN_FLIGHT = OpState.IN_FLIGHT
 _KINDS_WITH_SET_UP = frozenset({OpKind.CONNECT, OpKind.CLOSE})  # see _ready_for_sqe
-_ONE_BUFFER_KINDS = frozenset({OpKind.READ, OpKind.WRITE, OpKind.RECV, OpKind.SEND})
 # struct iokit_op (csrc/iokit_uring.h), field by field: id, addr, offset, timeout_ns, deadline_ns, len, flags, mode,
 # fd, kind, fixed_file. Checked against the C layout below, at import.
 _DESCRIPTOR = struct.Struct("=QQqQQIIIiBB6x")
@@ -141,7 +140,7 @@ class UringBackend(Backend):
         #: Each feature's name -> whether this ring uses it (plus the kernel facts nodrop, ext_arg, fast_poll).
         self.features = {name: bool(bits & bit) for name, bit in {**FEATURES, **_KERNEL_FACTS}.items()}
         self._wake_fd = lib.iokit_ring_wakeup_fd(self._ring)
-        # The descriptors C reads, as bytes that _describe_chunk packs (and a typed view for the other kinds).
+        # The descriptors C reads, as bytes that _describe_chunk packs (and a typed view for what describers set).
         self._descriptor_bytes = bytearray(BATCH * _DESCRIPTOR_SIZE)
         self._descriptors = ffi.from_buffer("struct iokit_op[]", self._descriptor_bytes)
         self._cancel_descriptor = ffi.new("struct iokit_op *", {"kind": lib.IOKIT_CANCEL})
@@ -244,7 +243,7 @@ class UringBackend(Backend):
         # Queued, not even described yet: the next wait() describes every op queued since the last one in one pass,
         # prepares their SQEs in one C call and submits them in the io_uring_enter that waits. A round of the runtime
         # costs one syscall and one C call, not one per op.
-        if op.deadline is None and op.kind not in _KINDS_WITH_SET_UP or self._ready_for_sqe(op):
+        if self._ready_for_sqe(op):
             self._backlog.append(op)
             self._backlog_ids.add(op.id)
 
@@ -354,55 +353,33 @@ class UringBackend(Backend):
         self._backlog_ids.update(op.id for op in ops)
 
     def _describe_chunk(self, chunk: list[Op]) -> None:
-        """Fill the first ``len(chunk)`` descriptors. Ops that move one buffer (the bulk of any workload) take a fast
-        path: one ``struct.pack_into`` of every field and one assignment of the buffer's address, rather than a cffi
-        attribute assignment per field."""
-        raw, descriptors, pack = self._descriptor_bytes, self._descriptors, _DESCRIPTOR.pack_into
+        """Fill the first ``len(chunk)`` descriptors. The fields most kinds read (id, kind, fd, deadline, offset, one
+        buffer's length, flags, mode) go in with one ``struct.pack_into`` per op rather than a cffi attribute
+        assignment each (this is on every op's path); the kind's describer then sets what only it needs (a buffer's
+        address, an iovec array, a path...) and returns what must stay alive while the kernel may use it."""
+        raw, descriptors, pack, describers = self._descriptor_bytes, self._descriptors, _DESCRIPTOR.pack_into, \
+            self._describers
         fixed_slots = self._fixed_slots
         timers_in_python = self._deadline_timers is not None
-        from_buffer = ffi.from_buffer
         for index, op in enumerate(chunk):
-            kind = op.kind
-            buffer = op.buffer
-            if buffer is None or kind not in _ONE_BUFFER_KINDS or op.__class__ is not Op:
-                self._describe(descriptors[index], op)
-                continue
             fd = op.fd
             slot = fixed_slots.get(fd) if fixed_slots else None
             if slot is not None:
                 fd = slot
                 self._fixed_file_ops += 1
             deadline = op.deadline
-            nbytes = buffer.nbytes
+            buffer = op.buffer
+            nbytes = 0 if buffer is None else buffer.nbytes
             pack(raw, index * _DESCRIPTOR_SIZE, op.id, 0, op.offset, 0,
                  0 if deadline is None or timers_in_python else int(deadline * 1e9),
-                 nbytes if nbytes < _MAX_TRANSFER else _MAX_TRANSFER, op.flags, 0, fd, kind, slot is not None)
-            keep = op.backend_data = from_buffer(buffer)
-            descriptors[index].addr = keep
+                 nbytes if nbytes < _MAX_TRANSFER else _MAX_TRANSFER, op.flags, op.mode, fd, op.kind, slot is not None)
+            op.backend_data = describers[op.kind](descriptors[index], op)
 
     def _offer_backlog(self) -> None:
         cancels, self._cancel_backlog = self._cancel_backlog, []
         self._prepare([], submit=False)
         for op_id in cancels:
             self._queue_cancel(op_id)
-
-    def _describe(self, descriptor, op: Op) -> None:
-        """Fill ``descriptor`` for ``op``. Each kind sets the fields its SQE reads; the C side ignores the others."""
-        descriptor.id = op.id
-        descriptor.kind = op.kind
-        slot = self._fixed_slots.get(op.fd) if self._fixed_slots else None
-        if slot is None:
-            descriptor.fd = op.fd
-            descriptor.fixed_file = 0
-        else:
-            descriptor.fd = slot
-            descriptor.fixed_file = 1
-            self._fixed_file_ops += 1
-        if op.deadline is None or self._deadline_timers is not None:
-            descriptor.deadline_ns = 0
-        else:
-            descriptor.deadline_ns = int(op.deadline * 1e9)
-        op.backend_data = self._describers[op.kind](descriptor, op)
 
     def _describer_table(self) -> dict:
         plain = self._describe_plain
@@ -418,30 +395,25 @@ class UringBackend(Backend):
 
     @staticmethod
     def _describe_plain(descriptor, op: Op) -> None:
-        descriptor.flags = op.flags  # poll events, shutdown's `how`; unused by the others
+        pass  # the packed fields are all it needs (poll events and shutdown's `how` are its flags)
 
     @staticmethod
     def _describe_buffer(descriptor, op: Op):
         keep = ffi.from_buffer(op.buffer)
         descriptor.addr = keep
-        nbytes = op.buffer.nbytes
-        descriptor.len = nbytes if nbytes < _MAX_TRANSFER else _MAX_TRANSFER
-        descriptor.offset = op.offset
-        descriptor.flags = op.flags
         return keep
 
     def _describe_recv(self, descriptor, op: Op):
         if op.__class__ is MultishotOp and op.native:
             descriptor.kind = lib.IOKIT_RECV_MULTISHOT  # the kernel picks a provided buffer per chunk
-            descriptor.flags = op.flags
             return None
         if op.buffer is None and op.size:  # ops.receive: no buffer of its own
             if self.features["buffer_ring"]:
                 descriptor.kind = lib.IOKIT_RECV_SELECT  # the kernel takes a provided buffer when data arrives
                 descriptor.len = min(op.size, RECV_BUFFER_SIZE)
-                descriptor.flags = op.flags
                 return None
             op.buffer = memoryview(bytearray(op.size))  # fallback: a buffer of its own, as ops.recv_into
+            descriptor.len = min(op.size, _MAX_TRANSFER)  # packed as 0: the op had no buffer then
         return self._describe_buffer(descriptor, op)
 
     @staticmethod
@@ -455,15 +427,12 @@ class UringBackend(Backend):
         iovecs = ffi.new("struct iovec[]", [(buffer, view.nbytes) for buffer, view in zip(buffers, op.buffers)])
         descriptor.addr = iovecs
         descriptor.len = len(buffers)
-        descriptor.offset = op.offset
         return iovecs, buffers
 
     @staticmethod
     def _describe_open(descriptor, op: Op):
         path = ffi.new("char[]", op.path)  # NUL-terminated, as openat wants
         descriptor.addr = path
-        descriptor.flags = op.flags
-        descriptor.mode = op.mode
         return path
 
     @staticmethod

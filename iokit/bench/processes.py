@@ -129,6 +129,21 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
+def stop_process(process: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Send ``sig`` to a child still running, SIGKILL it if it outlives ``timeout`` seconds, close its stdout, and
+    return its exit status (negative: the signal that ended it)."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout:
+        process.stdout.close()
+    return process.returncode
+
+
 def current_rss_kib(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss // 1024
 
@@ -182,16 +197,7 @@ class Server:
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in ``timeout`` seconds. Returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
-        return self.process.returncode
+        return stop_process(self.process, signal.SIGTERM, timeout)
 
     def __enter__(self) -> "Server":
         return self
