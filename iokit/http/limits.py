@@ -14,6 +14,12 @@ import dataclasses
 KIB = 1024
 MIB = 1024 * KIB
 
+MAX_NUMBER_DIGITS = 19
+"""The most digits a number from a client may have (query, header, JSON field): 19 fit in 63 bits. Longer is 400."""
+
+MAX_JSON_DEPTH = 32
+"""How deeply arrays and objects may nest in a JSON body; deeper is 400 (parsing recurses once per level)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class HttpLimits:
@@ -52,6 +58,9 @@ class HttpLimits:
     linger_timeout: float = 2.0
     """Before closing, how long we read and discard what the client still sends, so our last response is not lost to a
     TCP reset (the kernel resets a connection closed with unread input)."""
+
+    max_chunk_line_bytes: int = 4 * KIB
+    """A chunk-size line of a chunked body, extensions included (RFC 9112 section 7.1.1); longer gets 400 and close."""
 
     receive_size: int = 64 * KIB
     """Bytes asked for per read of the socket; also how far the parser may run ahead of the handler."""

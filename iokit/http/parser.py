@@ -4,9 +4,12 @@ llhttp does the byte-level work (request line, header syntax, chunked decoding) 
 shapes: Content-Length with Transfer-Encoding, a repeated Content-Length, ``chunked`` that is not the final coding. This
 module adds what a server must decide on top of it, each a rule of RFC 9112 or a limit of ``HttpLimits``:
 
-* **Limits on the head** (request line 414; header bytes or field count 431). llhttp has no limits, and httptools keeps a
-  header value that is still arriving in its own buffer, so besides counting what the callbacks hand us we count the bytes
-  fed while a head is incomplete: that bounds memory even against one endless header line.
+* **Limits on the head** (request line 414; header bytes or field count 431; a chunk-size line, extensions included,
+  400). llhttp has no limits, and httptools keeps a header value that is still arriving in its own buffer, so besides
+  counting what the callbacks hand us we count the bytes fed while a head (or a chunk-size line) is incomplete: that
+  bounds memory even against one endless header line or chunk extension.
+* **A request line without a version** (``GET /`` then CRLF) is 400 at once: llhttp would take it for HTTP/0.9 and wait
+  for a header section that never comes, until the header timeout.
 * **Framing the server can trust**: exactly one Host on HTTP/1.1 (400); a transfer coding other than ``chunked`` is 501
   (we implement no other); Transfer-Encoding on HTTP/1.0 is faulty framing (RFC 9112 section 6.1: 400); only versions 1.0
   and 1.1 (505; llhttp is told to accept any digit so that we, not it, answer that case).
@@ -29,6 +32,7 @@ import re
 
 import httptools
 
+from .client_input import read_integer
 from .errors import HttpError
 from .limits import DEFAULT_LIMITS, HttpLimits
 from .messages import END_OF_MESSAGE, BodyChunk, Headers, RequestHead, comma_separated
@@ -74,11 +78,37 @@ class RequestParser:
         self._failure: HttpError | None = None
         self._start_head()
         self._request_line_prefix: bytes | None = b""  # bytes of a request line still in its method (for 405 vs 400)
+        self._request_line: bytes | None = b""  # the request line so far, until its end (None: its start is unknown)
 
     # -- what the caller uses ------------------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
         """Parse ``data`` (the next bytes of the connection); the events it completes queue up for ``next_event()``."""
+        # llhttp takes a request line without a version for HTTP/0.9 and waits for headers that never come: look at
+        # each request line whose start we know when its end arrives. A line with a version (the usual case) is fed
+        # at once; one without is fed up to its end first, so that an error llhttp finds earlier in it wins, and the
+        # answer does not depend on how the bytes were cut.
+        while data and self._state in (_State.BETWEEN_MESSAGES, _State.HEAD):
+            if self._state is _State.BETWEEN_MESSAGES:
+                self._request_line = b""
+            if self._request_line is None:
+                break
+            line_end = data.find(b"\n")
+            if line_end < 0:
+                self._request_line = (self._request_line + data)[: self._limits.max_request_line_bytes + 2]
+                break
+            line, self._request_line = self._request_line + data[:line_end], None
+            if line.rstrip(b"\r").rpartition(b" ")[2].startswith(b"HTTP/"):
+                break
+            self._feed_part(data[:line_end])
+            if self._state is _State.HEAD:
+                self._fail(400, "malformed request: the request line has no HTTP version", report=True)
+                return
+            self._feed_part(data[line_end:line_end + 1])  # a blank line before a request, or what llhttp refused
+            data = data[line_end + 1:]
+        self._feed_part(data)
+
+    def _feed_part(self, data: bytes) -> None:
         if not data or self._state is _State.FAILED:
             return
         if self._state is _State.UNKNOWN_METHOD:
@@ -92,12 +122,11 @@ class RequestParser:
             self._request_line_prefix = None
         if self._state is _State.HEAD:
             self._head_bytes_fed += len(data)
+        in_body, body_before, chunk_headers_before = self._state is _State.BODY, self._body_bytes, self._chunk_headers
         self._feed_httptools(data)
+        if in_body:
+            self._count_chunk_line(len(data) - (self._body_bytes - body_before), chunk_headers_before)
         if self._state is _State.HEAD:
-            if self._request_line_prefix is not None and self._target_bytes == 0:
-                self._request_line_prefix = self._request_line_prefix[: self._limits.max_request_line_bytes + 2]
-            else:
-                self._request_line_prefix = None
             if self._head_bytes_fed > self._limits.max_request_line_bytes + self._limits.max_header_bytes:
                 self._fail(431, "the header section is too large", report=True)
 
@@ -146,6 +175,16 @@ class RequestParser:
                 self._on_llhttp_error(str(error))
                 return
 
+    def _count_chunk_line(self, framing_bytes: int, chunk_headers_before: int) -> None:
+        """Count the body bytes of one feed that were neither data nor trailers: a chunk-size line and its extensions,
+        which httptools buffers unseen. One read that also ends the line may run past the bound by its own size."""
+        if self._chunk_headers != chunk_headers_before or self._in_trailers:
+            self._chunk_line_bytes = 0
+        else:
+            self._chunk_line_bytes += framing_bytes
+        if self._state is _State.BODY and self._chunk_line_bytes > self._limits.max_chunk_line_bytes:
+            self._fail(400, f"a chunk-size line is longer than {self._limits.max_chunk_line_bytes} bytes", report=True)
+
     def _on_llhttp_error(self, reason: str) -> None:
         if self._state is _State.HEAD and self._method() == "PRI":
             self._fail(400, "HTTP/2 is not supported here (connection preface received); use HTTP/1.1", report=True)
@@ -184,6 +223,11 @@ class RequestParser:
         self._header_bytes = 0
         self._head_bytes_fed = 0
         self._method_name = ""
+        self._body_bytes = 0           # the chunk-size line bound: data bytes delivered,
+        self._chunk_headers = 0        # chunk-size lines finished,
+        self._chunk_line_bytes = 0     # bytes of the current one so far,
+        self._chunk_has_data = False
+        self._in_trailers = False      # and whether the last chunk (size 0) has passed
 
     def _method(self) -> str:
         if not self._method_name:
@@ -256,12 +300,23 @@ class RequestParser:
             return None
         if len(values) > 1:
             self._fail(400, "more than one Content-Length")
-        if not values[0].isdigit() or not values[0].isascii():
-            self._fail(400, f"invalid Content-Length {values[0]!r}")
-        return int(values[0])
+        length = read_integer(values[0])
+        if length is None:
+            self._fail(400, f"invalid Content-Length {values[0][:40]!r}")
+        return length
 
     def _on_body(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        self._chunk_has_data = True
         self._events.append(BodyChunk(data))
+
+    def _on_chunk_header(self) -> None:
+        self._chunk_headers += 1
+        self._chunk_has_data = False
+
+    def _on_chunk_complete(self) -> None:
+        if not self._chunk_has_data:
+            self._in_trailers = True  # the last chunk: what follows are trailers, which _on_header bounds
 
     def _on_message_complete(self) -> None:
         self._events.append(END_OF_MESSAGE)
@@ -285,7 +340,8 @@ class RequestParser:
 class _Callbacks:
     """The object httptools calls back; it forwards to the parser, so the parser's public surface stays small."""
 
-    __slots__ = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+    __slots__ = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete",
+                 "on_chunk_header", "on_chunk_complete")
 
     def __init__(self, parser: RequestParser):
         self.on_message_begin = parser._on_message_begin
@@ -294,3 +350,5 @@ class _Callbacks:
         self.on_headers_complete = parser._on_headers_complete
         self.on_body = parser._on_body
         self.on_message_complete = parser._on_message_complete
+        self.on_chunk_header = parser._on_chunk_header
+        self.on_chunk_complete = parser._on_chunk_complete
