@@ -14,7 +14,7 @@ import sys
 
 import iokit
 from iokit import serve
-from iokit.http import App, HttpError, HttpLimits, HttpServer, Response
+from iokit.http import App, HttpError, HttpLimits, HttpServer, Response, cors
 
 MAX_DELAY_MS = 10_000
 GREETING = b"hello from iokit\n"
@@ -43,10 +43,10 @@ async def delay(request):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = serve.argument_parser(__doc__.splitlines()[0])
-    serve.add_limit_arguments(parser, HttpLimits)
-    return serve.main(lambda arguments: HttpServer(app, serve.limits_from_arguments(arguments, HttpLimits)), parser,
-                      argv)
+    parser = serve.argument_parser(__doc__.splitlines()[0], HttpLimits)
+    cors.add_argument(parser)
+    return serve.main(lambda arguments: HttpServer(app, serve.limits_from_arguments(arguments, HttpLimits),
+                                                   cors=cors.policy_from_arguments(arguments)), parser, argv)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,8 @@ def follow(client: JobsClient, location: str, monitor: dict, headers: dict, argu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="the server's port (default: 8000)")
     parser.add_argument("--duration-ms", type=int, default=2000, help="how long the job runs (default: 2000)")
     parser.add_argument("--fail", action="store_true", help="ask for a job that fails")
     parser.add_argument("--mode", choices=["short", "long"], default="long", help="how to poll (default: long)")

@@ -38,7 +38,7 @@ import threading
 
 import iokit
 from iokit import serve
-from iokit.http import App, HttpError, HttpLimits, HttpServer, Response
+from iokit.http import App, HttpError, HttpLimits, HttpServer, Response, cors
 from iokit.patterns.jobs import (IdempotencyConflict, InvalidJobRequest, JobError, JobFinished, JobGone, JobNotFound,
                                  JobTable, QueueFull, TooManyWaiters, Waiter, WaiterRegistry, check_idempotency_key,
                                  parse_job_request, parse_long_poll)
@@ -212,12 +212,14 @@ def make_service(arguments) -> HttpServer:
     http_limits = serve.limits_from_arguments(arguments, HttpLimits)
     check_connections(http_limits.max_connections, limits.max_held_requests, "--max-held-requests")
     jobs = JobsServer(limits)
-    return HttpServer(jobs.app, http_limits, lifespan=jobs.lifespan, single_process=True)
+    return HttpServer(jobs.app, http_limits, lifespan=jobs.lifespan, single_process=True,
+                      cors=cors.policy_from_arguments(arguments))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = serve.argument_parser(__doc__.splitlines()[0], HttpLimits, JobLimits)
     parser.set_defaults(max_connections=connections_for(JobLimits.max_held_requests))
+    cors.add_argument(parser)
     return serve.main(make_service, parser, argv)
 
 

@@ -93,8 +93,8 @@ def publish(arguments) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="the server's port (default: 8000)")
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("subscribe", help="print a topic's events")
     sub.add_argument("--topic", required=True)

@@ -30,7 +30,7 @@ import threading
 
 import iokit
 from iokit import serve
-from iokit.http import App, HttpError, HttpLimits, HttpServer, Response
+from iokit.http import App, HttpError, HttpLimits, HttpServer, Response, cors
 from iokit.patterns.limits import PushLimits, check_connections, connections_for
 from iokit.patterns.sse import (PING, Broker, InvalidMessage, SlowPolicy, Subscriber, TooManySubscribers,
                                 check_topic, format_retry, parse_last_event_id, parse_message)
@@ -143,7 +143,8 @@ def make_service(arguments) -> HttpServer:
     http_limits = serve.limits_from_arguments(arguments, HttpLimits)
     check_connections(http_limits.max_connections, limits.max_subscribers, "--max-subscribers")
     push = PushServer(limits, SlowPolicy(arguments.slow))
-    return HttpServer(push.app, http_limits, single_process=True, send_buffer_bytes=limits.send_buffer_bytes)
+    return HttpServer(push.app, http_limits, single_process=True, send_buffer_bytes=limits.send_buffer_bytes,
+                      cors=cors.policy_from_arguments(arguments))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", choices=[policy.value for policy in SlowPolicy], default=SlowPolicy.DISCONNECT.value,
                         help="what to do with a subscriber whose queue is full: end its stream (it resumes from the "
                              "ring) or drop its oldest events and send 'event: gap' (default: disconnect)")
+    cors.add_argument(parser)
     return serve.main(make_service, parser, argv)
 
 

@@ -312,8 +312,8 @@ def measure(arguments) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("file", nargs="?", help="the file to upload")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="the server's port (default: 8000)")
     parser.add_argument("--chunk-size", type=int, default=4 * MIB, help="bytes per PATCH (default: 4 MiB)")
     parser.add_argument("--checksum", choices=["sha1", "md5"], help="send Upload-Checksum with each chunk")
     parser.add_argument("--parts", type=int, default=1, help="split into this many partial uploads, then join them")

@@ -20,7 +20,7 @@ import os
 import sys
 
 from iokit import serve
-from iokit.http import HttpLimits
+from iokit.http import HttpLimits, cors
 from iokit.tus import Durability, UploadLimits, UploadStore
 from iokit.tus.server import build_server
 
@@ -28,9 +28,13 @@ DEFAULT_DIRECTORY = "uploads"
 
 
 def make_service(arguments):
+    if os.path.exists(arguments.dir) and not os.path.isdir(arguments.dir):
+        raise ValueError(f"--dir {arguments.dir!r} is not a directory")
     store = UploadStore(arguments.dir, Durability(arguments.durability),
                         serve.limits_from_arguments(arguments, UploadLimits))
-    return build_server(store, serve.limits_from_arguments(arguments, HttpLimits))
+    server = build_server(store, serve.limits_from_arguments(arguments, HttpLimits))
+    server.cors = cors.policy_from_arguments(arguments)  # browser tus clients on other origins
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"where uploads live (default: ./{DEFAULT_DIRECTORY})")
     parser.add_argument("--durability", choices=[mode.value for mode in Durability], default=Durability.SYNC.value,
                         help="sync: fdatasync before each 204; async: 204 from memory, synced every flush interval")
+    cors.add_argument(parser)
     return serve.main(make_service, parser, argv)
 
 

@@ -91,7 +91,7 @@ class ServerProcess:
             self.process.wait()
             raise AssertionError(f"no 'listening on' line, got {line!r}\n{self.stderr_text}")
         self.listening_line = line.rstrip("\n")
-        self.address = (found["host"], int(found["port"]))
+        self.address = (found["host"].strip("[]"), int(found["port"]))  # an IPv6 host is printed in brackets
         if self.backend != "auto" and found["backend"] != self.backend:
             self.close()  # never leave a running server behind a failed start
             raise AssertionError(f"asked for backend {self.backend!r}, the server says {line!r}")
@@ -102,7 +102,8 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address[0]}:{self.address[1]}"
+        host = self.address[0]
+        return f"http://[{host}]:{self.address[1]}" if ":" in host else f"http://{host}:{self.address[1]}"
 
     @property
     def stderr_text(self) -> str:

@@ -139,13 +139,15 @@ class HttpServer:
     The keyword arguments are the service's options that ``iokit.serve.Service`` describes: ``lifespan`` (a function
     returning an async context manager, entered before serving and exited after: loading state, background tasks, a
     last flush), ``single_process`` (state in this process's memory: ``--workers`` must be 1) and
-    ``send_buffer_bytes`` (SO_SNDBUF per connection).
+    ``send_buffer_bytes`` (SO_SNDBUF per connection). ``cors`` (a ``cors.CorsPolicy``) answers preflights before
+    routing and marks every response for the origins it allows.
     """
 
     def __init__(self, app: App, limits: HttpLimits = DEFAULT_LIMITS, *,
                  lifespan: Callable[[], AsyncContextManager] | None = None, single_process: bool = False,
-                 send_buffer_bytes: int | None = None):
+                 send_buffer_bytes: int | None = None, cors=None):
         self.app = app
+        self.cors = cors
         self.limits = limits
         self.max_connections = limits.max_connections
         self.lifespan = lifespan
@@ -176,7 +178,8 @@ class HttpServer:
         request = Request(head, connection, self.limits.max_body_bytes)
         close = False
         try:
-            response = await self._start_handler(request)
+            preflight = self.cors.preflight(request.method, request.headers) if self.cors is not None else None
+            response = preflight or await self._start_handler(request)
             if not isinstance(response, Response):
                 raise TypeError(f"the handler of {request.method} {request.path} returned {response!r}, "
                                 f"not a Response")
@@ -189,6 +192,8 @@ class HttpServer:
         except Exception:
             traceback.print_exc(file=sys.stderr)
             response, close = Response.from_error(HttpError(500, "the handler failed")), True
+        if self.cors is not None:
+            self.cors.decorate(request.headers, response)
         return await connection.send_response(request, response, close=close)
 
     def _start_handler(self, request: Request) -> Awaitable[Response]:
