@@ -4,29 +4,38 @@ into rows do what the docs say.
 
 No speed is asserted anywhere: this machine is shared and noisy, and the bench exists to *report* speed. The tiny run
 uses runs of 0.1 s, two connection counts, one message size, an 8 MiB file, a 1 MiB upload and half a second of
-updates, so the whole module takes about a minute; it checks shape, not figures.
+updates; it checks shape, not figures. Its ``http`` rows are the slowest part (wrk runs last whole seconds, and each of
+the eight servers is warmed for a second per request kind), so the whole module takes two to three minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import importlib.util
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+import types
 from pathlib import Path
 
 import pytest
 
 import iokit
-from iokit.bench import cbuild
+from iokit.bench import cbuild, http_load, processes, servers
+from iokit.bench.http_refs import REQUIRES
 from iokit.bench.report import describe_params, format_rate
 from iokit.bench.results import RunSample, percentile, summarize
 from iokit.bench.processes import Usage
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.timeout(300)   # the tiny run takes about a minute; a backend failing slowly can add more
+pytestmark = pytest.mark.timeout(480)   # the tiny run takes about two minutes; a backend failing slowly adds more
 REQUIRED_NUMBERS = ("ops_per_s", "p50_us", "p99_us", "cpu_s", "cpu_us_per_op", "context_switches", "peak_rss_kib")
 MACHINE_FIELDS = ("date", "command", "kernel", "cpu_model", "cpus", "python", "liburing", "pinning")
 AVAILABLE_BACKENDS = [info.name for info in iokit.backends() if info.available]
@@ -57,7 +66,7 @@ def tiny_run(tmp_path_factory):
                "--update-rate", "8", "--updates-seconds", "0.5", "--data-dir", str(out / "data"), "--json", str(out / "bench.json"),
                "--plot", str(out / "bench.png")]
     env = dict(os.environ, PYTHONPATH=str(ROOT), IOKIT_BENCH_CACHE=str(out / "cache"))
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert completed.returncode == 0, f"bench failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
     return completed, json.loads((out / "bench.json").read_text()), out
 
@@ -139,6 +148,150 @@ def test_references_run_where_their_tools_are_installed(tiny_run):
         assert "ref:c-uring" in backends
     if importlib.util.find_spec("uvloop"):
         assert "ref:uvloop" in backends
+
+
+HTTP_REFERENCES = [f"ref:{name}" for name, needs in REQUIRES.items()
+                   if all(importlib.util.find_spec(package) for package in needs)]
+HTTP_REQUEST_BYTES = {"GET /": (30, 100), "GET / browser": (550, 700), "POST /echo 4KiB": (4096 + 60, 4096 + 200)}
+
+
+def test_http_rows_cover_every_request_on_every_server_with_its_cpu(tiny_run):
+    # Every server, ours and the references whose packages are installed, answers every request kind, and each row
+    # has the server's CPU per request. No server answers HTTP in under a microsecond of CPU, so a smaller figure
+    # means the process that did the work was not measured (granian's worker is a child of the process started).
+    _, data, _ = tiny_run
+    if not _example_present("http"):
+        pytest.skip("needs examples/http_server.py")
+    rows = {(r["backend"], r["params"]["request"]): r for r in data["results"] if r["workload"] == "http"}
+    requests = list(HTTP_REQUEST_BYTES) if shutil.which("wrk") else ["GET /"]
+    for backend in AVAILABLE_BACKENDS + HTTP_REFERENCES:
+        for request in requests:
+            row = rows.get((backend, request))
+            assert row is not None, (backend, request, [s for s in data["skipped"] if s["backend"] == backend])
+            assert row["ops_per_s"] > 0 and row["extra"]["errors"] == 0, (backend, request, row["extra"])
+            assert row["cpu_us_per_op"] >= 1, (backend, request, row["cpu_us_per_op"])
+            low, high = HTTP_REQUEST_BYTES[request]
+            assert low <= row["extra"]["request_bytes"] <= high, (request, row["extra"]["request_bytes"])
+    skipped = {s["backend"]: s["reason"] for s in data["skipped"] if s["workload"] == "http"}
+    for name in REQUIRES:
+        if f"ref:{name}" not in HTTP_REFERENCES:
+            assert "not installed" in skipped[f"ref:{name}"]
+
+
+def test_a_reference_without_its_package_is_skipped_with_the_reason(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "granian" else real_find_spec(name, *args))
+    specs = {spec.name: spec for spec in servers.http_reference_specs(types.SimpleNamespace(
+        wants_reference=lambda name: name != "httptools-asyncio"))}
+    assert set(specs) == {"ref:uvicorn", "ref:granian", "ref:httptools-uvloop"}
+    assert specs["ref:granian"].argv is None and "granian not installed" in specs["ref:granian"].reason
+    if "ref:uvicorn" in HTTP_REFERENCES:
+        assert specs["ref:uvicorn"].argv[-4:] == ["--host", "127.0.0.1", "--port", "0"]
+
+
+def _exchange(host: str, port: int, method: str, path: str, body: bytes | None = None,
+              headers: dict | None = None) -> tuple[int, str, bytes]:
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.skipif(not (ROOT / "examples" / "http_server.py").exists(), reason="needs examples/http_server.py")
+def test_http_references_serve_what_the_example_serves():
+    # The comparison is fair only if every server sends the same response to the same request.
+    backend = "epoll" if "epoll" in AVAILABLE_BACKENDS else AVAILABLE_BACKENDS[0]
+    payload = os.urandom(4096)
+    exchanges = [("GET", "/", None, {}), ("POST", "/echo", payload, {"Content-Type": "application/x-iokit-test"}),
+                 ("POST", "/echo", b"abc", {})]
+    specs = [spec for spec in servers.http_reference_specs(types.SimpleNamespace(wants_reference=lambda name: True))
+             if spec.argv]
+    assert [spec.name for spec in specs] == HTTP_REFERENCES
+    example = processes.python_script_command(ROOT / "examples" / "http_server.py", "--backend", backend, "--host",
+                                              "127.0.0.1", "--port", "0")
+    with processes.Server(example, os.sched_getaffinity(0), name=backend,
+                          env=processes.python_child_environment()) as server:
+        expected = [_exchange(server.host, server.port, *exchange) for exchange in exchanges]
+    assert expected[0] == (200, "text/plain; charset=utf-8", b"hello from iokit\n")
+    assert expected[1] == (200, "application/x-iokit-test", payload)
+    for spec in specs:
+        with processes.Server(spec.argv, os.sched_getaffinity(0), name=spec.name,
+                              env=processes.python_child_environment()) as server:
+            assert [_exchange(server.host, server.port, *exchange) for exchange in exchanges] == expected, spec.name
+            assert _exchange(server.host, server.port, "GET", "/nowhere")[0] == 404, spec.name
+
+
+def test_measure_counts_the_cpu_of_a_child_process():
+    # A server whose work is done in a child (granian's worker) is measured over its process tree.
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\n"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"child = subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+                               f"print(child.pid, flush=True)\nchild.wait()\ntime.sleep(5)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert processes.process_tree(parent.pid) == [parent.pid, child]
+        before = processes.measure(parent.pid)
+        deadline = time.monotonic() + 5
+        while processes.measure(parent.pid).cpu_s - before.cpu_s < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert processes.measure(parent.pid).cpu_s - before.cpu_s >= 0.3
+    finally:
+        processes.stop_process(parent, signal.SIGTERM, 5)
+
+
+def _recording_http_server(received: list[bytes]) -> socket.socket:
+    """A listener on 127.0.0.1 whose thread answers every request of each connection in turn with a tiny 200 and
+    appends the raw request (head and Content-Length body) to ``received``; closing the listener ends it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection, contextlib.suppress(OSError):   # wrk resets its connections when it stops
+                data = b""
+                while chunk := connection.recv(65536):
+                    data += chunk
+                    while (head_end := data.find(b"\r\n\r\n")) >= 0:
+                        head = data[:head_end].decode("latin-1").lower()
+                        length = int(head.split("content-length:")[1].split("\r\n")[0]) if "content-length:" in head \
+                            else 0
+                        end = head_end + 4 + length
+                        if len(data) < end:
+                            break
+                        received.append(data[:end])
+                        data = data[end:]
+                        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk is not installed")
+def test_wrk_sends_the_request_described():
+    # wrk_report.lua builds each request from HttpRequest's arguments: what arrives is what the rows are labelled with.
+    received: list[bytes] = []
+    with _recording_http_server(received) as listener:
+        port = listener.getsockname()[1]
+        run = types.SimpleNamespace(cores=types.SimpleNamespace(load=os.sched_getaffinity(0)))
+        server = types.SimpleNamespace(host="127.0.0.1", port=port)
+        for request in http_load.REQUESTS.values():
+            received.clear()
+            report = http_load._wrk_run(run, shutil.which("wrk"), server, 1, request)
+            assert report["requests"] > 0 and report["errors"] == 0, report
+            first = received[0]
+            assert len(first) == request.wire_bytes("127.0.0.1", port), first[:300]
+            assert first.startswith(f"{request.method} {request.path} HTTP/1.1\r\n".encode())
+            for name, value in request.headers:
+                assert f"\r\n{name}: {value}\r\n".encode() in first, name
+            assert first.endswith(b"\r\n\r\n" + b"x" * request.body_bytes)
 
 
 def test_plots_are_real_pngs(tiny_run):

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import echo, file_io, http_load, patterns
+from . import echo, file_io, http_load, http_refs, patterns
 from .context import BenchRun, make_settings
 from .machine import describe_machine, machine_summary, plan_cores
 from .progress import Progress
@@ -23,7 +23,7 @@ from .report import render
 from .results import Report, Skipped
 
 FAMILIES = (file_io, echo, http_load, patterns)
-REFERENCES = ("pread", "fio-psync", "fio-io_uring", "asyncio", "uvloop", "c-uring", "c-epoll")
+REFERENCES = ("pread", "fio-psync", "fio-io_uring", "asyncio", "uvloop", "c-uring", "c-epoll", *http_refs.SERVERS)
 
 
 def _list(text: str | None) -> list[str] | None:

@@ -14,6 +14,10 @@ Why each piece is done the way it is:
 * **Peak RSS** is ``VmHWM``, reset before each measurement by writing 5 to ``/proc/PID/clear_refs`` so that one long
   lived server reports the peak of each workload, not of its whole life. Where the reset is refused, the peak is the
   process's lifetime peak and the result says so.
+* **A server is its process tree**: the figures are summed over the process and its descendants alive at the moment,
+  so a server that runs its work in a child (granian's worker, a ``--workers`` parent) is measured where it works.
+  A descendant that exited takes its CPU time with it; none of the measured servers starts or stops children while
+  it is measured. Peak RSS is then the sum of each process's peak, an upper bound of the tree's.
 * Servers write stderr to a file, not a pipe: nobody reads a pipe during a run, and a full pipe would stall the server.
 """
 
@@ -103,27 +107,44 @@ def _status_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
     return values
 
 
-def measure(pid: int) -> Usage:
-    """Snapshot of ``pid``'s CPU time, context switches (summed over its threads) and peak RSS."""
-    times = psutil.Process(pid).cpu_times()
-    by_thread = {}
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and the descendants it has now."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        tids = []
-    for tid in tids:
-        fields = _status_fields(f"/proc/{pid}/task/{tid}/status",
-                                ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
-        if fields:
-            by_thread[int(tid)] = sum(fields.values())
-    peak = _status_fields(f"/proc/{pid}/status", ("VmHWM",)).get("VmHWM", 0)
-    return Usage(times.user + times.system, sum(by_thread.values()), peak, by_thread)
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [pid]
+
+
+def measure(pid: int) -> Usage:
+    """Snapshot of the CPU time, context switches (summed over threads) and peak RSS of ``pid`` and its descendants
+    (see the module docstring)."""
+    cpu_s, peak, by_thread = 0.0, 0, {}
+    for index, member in enumerate(process_tree(pid)):
+        try:
+            times = psutil.Process(member).cpu_times()
+        except psutil.NoSuchProcess:
+            if index == 0:
+                raise
+            continue   # a descendant that has just exited
+        cpu_s += times.user + times.system
+        try:
+            tids = os.listdir(f"/proc/{member}/task")
+        except OSError:
+            tids = []
+        for tid in tids:
+            fields = _status_fields(f"/proc/{member}/task/{tid}/status",
+                                    ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
+            if fields:
+                by_thread[int(tid)] = sum(fields.values())
+        peak += _status_fields(f"/proc/{member}/status", ("VmHWM",)).get("VmHWM", 0)
+    return Usage(cpu_s, sum(by_thread.values()), peak, by_thread)
 
 
 def reset_peak_rss(pid: int) -> bool:
-    """Start a new peak-RSS window for ``pid``. Returns False where the kernel refuses."""
+    """Start a new peak-RSS window for ``pid`` and its descendants. Returns False where the kernel refuses."""
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        for member in process_tree(pid):
+            Path(f"/proc/{member}/clear_refs").write_text("5")
         return True
     except OSError:
         return False

@@ -19,7 +19,8 @@ TITLES = {
     "file-randread": "file: 4 KiB random reads (cache=warm: page cache; direct: O_DIRECT), qd = reads in flight",
     "file-write": "file: sequential 4 KiB writes, fsync after every N (latency = until durable; fio's: per write)",
     "echo": "socket echo: C load generator on the other core; ops = messages echoed",
-    "http": "HTTP keep-alive GET / against examples/http_server.py",
+    "http": ("HTTP keep-alive requests against examples/http_server.py and the ref: servers (GET /; a browser-like "
+             "GET / with 12 headers; a 4 KiB POST /echo); CPU us/op = the server's CPU per request"),
     "waiting-clients": "waiting clients: memory per idle connection, and a ping-pong client's latency beside them",
     "held-long-polls": ("held long polls (examples/jobs_server.py): memory per held request, and a short-polling "
                         "client's latency beside them"),
@@ -79,7 +80,7 @@ def describe_params(params: dict) -> str:
         elif key == "held":
             parts.append(f"{value} held")
         elif key == "request":
-            continue
+            parts.append(value)
         elif key == "clients":
             parts.append(f"{value} clients")
         elif key == "rate":
@@ -105,6 +106,8 @@ def _extra_columns(workload: str) -> list[tuple[str, callable]]:
                 ("threads", lambda r: format_number(r.extra.get("threads")))]
     if workload == "held-long-polls":
         return [("KiB/held", lambda r: format_number(r.extra.get("rss_per_held_request_kib")))]
+    if workload == "http":
+        return [("req bytes", lambda r: format_number(r.extra.get("request_bytes")))]
     if workload == "upload":
         return [("MiB/s", lambda r: format_number(r.extra.get("mib_per_s")))]
     if workload == "updates":

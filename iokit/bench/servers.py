@@ -1,10 +1,13 @@
 """The servers compared in the socket workloads, and the sweep that measures each of them over a list of configurations.
 
-Ours: ``echo_server.py`` on each iokit backend (and the example servers, once they exist). References: an asyncio
-Protocol server under the default loop and under uvloop, and our C servers on epoll and on io_uring (the ceiling).
+Ours: ``echo_server.py`` on each iokit backend, and the example servers. Echo references: an asyncio Protocol server
+under the default loop and under uvloop, and our C servers on epoll and on io_uring (the ceiling). HTTP references
+(``http_refs``): uvicorn, granian, and an httptools Protocol server under uvloop and under the default loop. A reference
+whose packages are not installed is a spec without a command, skipped with the reason.
 
 The sweep starts every server first (each in its own process, pinned to the measured core), then walks the
-configurations and, for each, measures every server in turn. Compared rows are thus measured minutes apart at most,
+configurations and, for each, measures every server in turn. When the workload has a warm-up, every server gets
+it, the same one, after all have started and before the first configuration. Compared rows are thus measured minutes apart at most,
 not a whole family apart; idle servers sleep in their event loops and cost nothing meanwhile. Each server is stopped
 right after its last configuration. A server that fails to start, or dies, loses its remaining rows with the reason;
 the others go on.
@@ -45,11 +48,7 @@ def echo_server_specs(run: BenchRun, buffer_bytes: int | None = None) -> list[Se
         specs.append(ServerSpec("ref:asyncio", python_module_command("iokit.bench.asyncio_echo", "--loop", "asyncio",
                                                                      "--host", HOST, "--port", "0")))
     if run.wants_reference("uvloop"):
-        if importlib.util.find_spec("uvloop") is None:
-            specs.append(ServerSpec("ref:uvloop", None, "uvloop is not installed (pip install uvloop)"))
-        else:
-            specs.append(ServerSpec("ref:uvloop", python_module_command("iokit.bench.asyncio_echo", "--loop",
-                                                                        "uvloop", "--host", HOST, "--port", "0")))
+        specs.append(_python_reference("uvloop", ("uvloop",), "iokit.bench.asyncio_echo", "--loop", "uvloop"))
     for reference, program in (("c-uring", "echo_uring"), ("c-epoll", "echo_epoll")):
         if run.wants_reference(reference):
             binary = run.c_program(program)
@@ -57,6 +56,24 @@ def echo_server_specs(run: BenchRun, buffer_bytes: int | None = None) -> list[Se
                                     None if binary is None else [str(binary), "--host", HOST, "--port", "0"],
                                     run.build_failures.get(program, "")))
     return specs
+
+
+def http_reference_specs(run: BenchRun) -> list[ServerSpec]:
+    """The HTTP references of ``http_refs`` that are wanted, each unavailable (with the reason) where a package it
+    needs is not installed."""
+    from .http_refs import REQUIRES, SERVERS
+    return [_python_reference(server, REQUIRES[server], "iokit.bench.http_refs", "--server", server)
+            for server in SERVERS if run.wants_reference(server)]
+
+
+def _python_reference(name: str, requires: tuple[str, ...], module: str, *args: str) -> ServerSpec:
+    """``ref:<name>``, run as ``python -m module args --host HOST --port 0``; unavailable while any of ``requires``
+    cannot be imported."""
+    missing = [package for package in requires if importlib.util.find_spec(package) is None]
+    if missing:
+        return ServerSpec(f"ref:{name}", None, f"{', '.join(missing)} not installed (pip install {' '.join(missing)}, "
+                                               "or make bench)")
+    return ServerSpec(f"ref:{name}", python_module_command(module, *args, "--host", HOST, "--port", "0"))
 
 
 def example_server_specs(run: BenchRun, example: str, *options: str) -> list[ServerSpec]:
@@ -71,8 +88,9 @@ def example_server_specs(run: BenchRun, example: str, *options: str) -> list[Ser
 
 
 def sweep(run: BenchRun, workload: str, specs: list[ServerSpec], configurations: list[dict],
-          measure: Callable[[Server, dict], Result]) -> None:
-    """Measure every server in ``specs`` on every configuration (see the module docstring for the order)."""
+          measure: Callable[[Server, dict], Result], warm: Callable[[Server], None] | None = None) -> None:
+    """Measure every server in ``specs`` on every configuration (see the module docstring for the order), each first
+    warmed by ``warm`` when given. A server whose warm-up fails loses its rows with the reason."""
     with contextlib.ExitStack() as stack:
         servers: dict[str, Server] = {}
         for spec in specs:
@@ -86,6 +104,8 @@ def sweep(run: BenchRun, workload: str, specs: list[ServerSpec], configurations:
             except (ProcessGone, OSError) as exc:
                 run.skip(workload, spec.name, f"did not start: {exc}")
                 run.progress.total -= len(configurations)
+        if warm is not None:
+            _warm_up(run, workload, servers, warm, len(configurations))
         for index, params in enumerate(configurations):
             last = index == len(configurations) - 1
             for spec in specs:
@@ -105,3 +125,15 @@ def sweep(run: BenchRun, workload: str, specs: list[ServerSpec], configurations:
                     # Done with it: stop it now, so that what it still holds (10,000 threads winding down, say)
                     # does not weigh on the servers measured after it on the same core.
                     servers.pop(spec.name).stop()
+
+
+def _warm_up(run: BenchRun, workload: str, servers: dict[str, Server], warm: Callable[[Server], None],
+             rows_each: int) -> None:
+    """Warm every server in turn; one whose warm-up fails is stopped and its ``rows_each`` rows are skipped."""
+    for name, server in list(servers.items()):
+        try:
+            warm(server)
+        except (ProcessGone, RuntimeError, OSError) as exc:
+            run.skip(workload, name, f"warm-up failed: {str(exc) or type(exc).__name__}")
+            run.progress.total -= rows_each
+            servers.pop(name).stop()
