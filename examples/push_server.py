@@ -1,11 +1,13 @@
 """Push with Server-Sent Events, over HTTP/1.1 on iokit's shared core.
 
     GET  /events?topic=T           a text/event-stream: ``retry: 2000``, then the events after Last-Event-ID (or
-                                   ``event: reset`` if they have left the ring), then live events (``id: N`` and one
-                                   line of JSON ``data:``), with ``: ping`` after 15 s of silence
-    POST /topics/T/messages        a JSON body (at most 4 KiB): 202 ``{"id", "topic", "delivered"}``, and the event
-                                   goes to every subscriber of T
-    GET  /stats                    subscribers, latest_id, oldest_id
+                                   ``event: reset`` if they have left the ring, or the id is from an earlier life of
+                                   the server), then live events (``id: EPOCH-N`` and one line of JSON ``data:``),
+                                   with ``: ping`` after 15 s of silence
+    POST /topics/T/messages        a JSON body (at most 4 KiB): 202 ``{"id", "seq", "topic", "delivered"}``, and the
+                                   event goes to every subscriber of T
+    GET  /stats                    subscribers, epoch, latest_id, oldest_id (sequence numbers of this epoch)
+    GET  /                         a page that shows a live EventSource (its last id, its reconnects)
 
 ``--slow disconnect`` (the default) ends the stream of a subscriber whose queue overflows: it reconnects with its
 Last-Event-ID and gets what it missed from the ring. ``--slow drop`` drops its oldest queued events instead and tells it
@@ -64,7 +66,7 @@ class PushServer:
             full = self.broker.subscribers >= self.limits.max_subscribers
         if full:
             return self._turned_away()
-        last_event_id = parse_last_event_id(request.headers.get("last-event-id"))
+        last_event_id = parse_last_event_id(request.headers.get("last-event-id"), self.broker.epoch)
         return Response(200, self._stream(request, topic, last_event_id), headers=STREAM_HEADERS)
 
     async def publish(self, request) -> Response:
@@ -75,12 +77,13 @@ class PushServer:
             raise HttpError(400, str(error), error="invalid_message") from None
         with self._lock:
             event, delivered = self.broker.publish(topic, data)
-        return Response.json({"id": event.seq, "topic": topic, "delivered": delivered}, 202)
+        return Response.json({"id": self.broker.ring.event_id(event.seq), "seq": event.seq, "topic": topic,
+                              "delivered": delivered}, 202)
 
     async def stats(self, request) -> Response:
         with self._lock:
             ring = self.broker.ring
-            counts = {"subscribers": self.broker.subscribers, "latest_id": ring.latest_seq,
+            counts = {"subscribers": self.broker.subscribers, "epoch": ring.epoch, "latest_id": ring.latest_seq,
                       "oldest_id": ring.oldest_seq}
         return Response.json(counts, headers=[("Cache-Control", "no-store")])
 

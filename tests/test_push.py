@@ -47,7 +47,10 @@ def test_wire_format():
     assert parse_message(b'{ "text": "line\\nbreak" }') == '{"text":"line\\nbreak"}'  # one line on the wire
     with pytest.raises(InvalidMessage):
         parse_message(b"not json")
-    assert [parse_last_event_id(v) for v in (None, "", " 12 ", "abc", "-3")] == [None, None, 12, -1, -1]
+    assert [parse_last_event_id(v, "e1") for v in (None, "", " e1-12 ", "abc", "-3", "e1--3", "e1-")] == [
+        None, None, 12, -1, -1, -1, -1]
+    # A bare number, or another life's id, is not one of this life's: only a reset can answer it.
+    assert [parse_last_event_id(v, "e1") for v in ("12", "e0-12", "e1-12-3")] == [-1, -1, -1]
     assert check_topic("a.b_c-9", LIMITS) == "a.b_c-9"
     for topic in ("", "a/b", "a b", "x" * 65, "é"):
         with pytest.raises(InvalidMessage):
@@ -94,11 +97,11 @@ def test_policy_disconnect_ends_the_stream_on_overflow():
 
 def test_policy_drop_keeps_the_newest_and_reports_the_gap():
     subscriber, _ = make_subscriber(SlowPolicy.DROP, subscriber_queue_events=3)
-    ring = EventRing(10)
+    ring = EventRing(10, epoch="e")
     for n in range(5):
         subscriber.offer(ring.append("t", str(n)))
     assert subscriber.take() == (b'event: gap\ndata: {"dropped":2}\n\n'
-                                 b"id: 3\ndata: 2\n\nid: 4\ndata: 3\n\nid: 5\ndata: 4\n\n")
+                                 b"id: e-3\ndata: 2\n\nid: e-4\ndata: 3\n\nid: e-5\ndata: 4\n\n")
     assert subscriber.take() == b"" and subscriber.queued_events == 0
 
 
@@ -111,15 +114,15 @@ def test_the_queue_is_bounded_in_bytes_too():
 
 
 def test_subscribing_is_atomic_with_the_replay_and_bounded():
-    broker = Broker(PushLimits(max_subscribers=2), SlowPolicy.DISCONNECT)
+    broker = Broker(PushLimits(max_subscribers=2), SlowPolicy.DISCONNECT, epoch="e7")
     broker.publish("t", "1")
     broker.publish("u", "2")
     subscriber, start = broker.subscribe("t", 0, lambda: None)
-    assert start == b"retry: 2000\n\nid: 1\ndata: 1\n\n"
+    assert start == b"retry: 2000\n\nid: e7-1\ndata: 1\n\n"
     event, delivered = broker.publish("t", "3")
     assert delivered == 1 and subscriber.take() == event.frame  # in the queue, not missed, not twice
     _, start = broker.subscribe("t", 99, lambda: None)
-    assert b"event: reset" in start and b"id: 3\n" in start  # the reset moves the client to now
+    assert b"event: reset" in start and b"id: e7-3\n" in start  # the reset moves the client to now
     with pytest.raises(TooManySubscribers):
         broker.subscribe("t", None, lambda: None)
     broker.unsubscribe(subscriber)
@@ -135,8 +138,20 @@ def server(backend_name):
         yield process
 
 
+def seq_of(event_id: str) -> int:
+    """The sequence number in an event id ``<epoch>-<seq>``."""
+    epoch, _, seq = event_id.rpartition("-")
+    assert epoch, f"an id without an epoch: {event_id!r}"
+    return int(seq)
+
+
+def wire_id(server, seq: int) -> str:
+    """The id a client holds for ``seq``, in this life of ``server``."""
+    return f"{stats(server)['epoch']}-{seq}"
+
+
 def publish(server, topic: str, messages: list) -> list[int]:
-    """POST each message on one keep-alive connection; return the event ids."""
+    """POST each message on one keep-alive connection; return the events' sequence numbers."""
     connection = http.client.HTTPConnection(*server.address, timeout=10)
     ids = []
     try:
@@ -145,7 +160,8 @@ def publish(server, topic: str, messages: list) -> list[int]:
             response = connection.getresponse()
             answer = json.loads(response.read())
             assert response.status == 202, answer
-            ids.append(answer["id"])
+            assert seq_of(answer["id"]) == answer["seq"]
+            ids.append(answer["seq"])
     finally:
         connection.close()
     return ids
@@ -163,14 +179,17 @@ def stats(server) -> dict:
 class RawSubscriber:
     """An event stream read through h11 over a plain socket, so a test controls the reading (and the receive buffer)."""
 
-    def __init__(self, server, topic: str, *, last_event_id: int | None = None, receive_buffer: int | None = None):
+    def __init__(self, server, topic: str, *, last_event_id: int | str | None = None,
+                 receive_buffer: int | None = None):
         self.socket = socket.socket()
         if receive_buffer is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connect: the window
         self.socket.settimeout(10)
         self.socket.connect(server.address)
         self.http = h11.Connection(h11.CLIENT)
-        headers = [("Host", "t")] + ([("Last-Event-ID", str(last_event_id))] if last_event_id is not None else [])
+        if isinstance(last_event_id, int):
+            last_event_id = wire_id(server, last_event_id)
+        headers = [("Host", "t")] + ([("Last-Event-ID", last_event_id)] if last_event_id is not None else [])
         self.socket.sendall(self.http.send(h11.Request(method="GET", target=f"/events?topic={topic}",
                                                        headers=headers)) + self.http.send(h11.EndOfMessage()))
         self.parser = EventStreamParser()
@@ -205,7 +224,7 @@ class RawSubscriber:
         return self.read_until(lambda s: s.parser.retry is not None)
 
     def message_ids(self) -> list[int]:
-        return [int(event.id) for event in self.events if event.event == "message"]
+        return [seq_of(event.id) for event in self.events if event.event == "message"]
 
     def header(self, name: bytes) -> bytes | None:
         return dict(self.response.headers).get(name) if self.response else None
@@ -240,7 +259,7 @@ class HttpxSubscriber(threading.Thread):
                     if not event.data:
                         continue  # the retry block, and httpx-sse's empty events after a ping comment
                     if event.event == "message":
-                        self.messages.append((int(event.id), json.loads(event.data)))
+                        self.messages.append((seq_of(event.id), json.loads(event.data)))
                     else:
                         self.others.append((event.event, json.loads(event.data)))
                     if len(self.messages) >= self.count:
@@ -283,7 +302,7 @@ def test_curl_receives_the_stream_in_order(server):
         curl.wait()
     head = first_line.decode().lower()
     assert "200 ok" in head and "content-type: text/event-stream" in head and "cache-control: no-store" in head
-    assert [line for line in lines if line.startswith(b"id:")] == [f"id: {i}".encode() for i in ids]
+    assert [line for line in lines if line.startswith(b"id:")] == [f"id: {wire_id(server, i)}".encode() for i in ids]
     assert [json.loads(line[6:]) for line in lines if line.startswith(b"data:")] == [{"n": n} for n in range(10)]
 
 
@@ -306,7 +325,7 @@ def test_reconnecting_with_last_event_id_loses_nothing(server):
     assert [i for i, _ in first.finish()] == ids
     missed = publish(server, "resume", [{"n": n} for n in range(5, 12)])  # while nobody listens
     publish(server, "elsewhere", [{"n": -1}])
-    second = start_httpx(server, "resume", 10, last_event_id=str(ids[-1]))
+    second = start_httpx(server, "resume", 10, last_event_id=wire_id(server, ids[-1]))
     live = publish(server, "resume", [{"n": n} for n in range(12, 15)])
     assert second.finish() == [(i, {"n": n}) for n, i in zip(range(5, 15), missed + live)]
 
@@ -442,11 +461,12 @@ def test_over_the_subscriber_limit_gets_retry_5000_and_the_end(limits_server):
 def test_a_last_event_id_older_than_the_ring_gets_reset(limits_server):
     server = limits_server
     ids = publish(server, "ring", [{"n": n} for n in range(20)])  # the ring keeps 8
-    for last_event_id in (ids[0], ids[-1] + 1000):  # too old; and one this server never gave (a restart)
+    for last_event_id in (ids[0], ids[-1] + 1000, str(ids[-3])):  # too old; never given; a bare number
         stream = RawSubscriber(server, "ring", last_event_id=last_event_id)
         assert stream.read_until(lambda s: s.events)
         reset = stream.events[0]
-        assert reset.event == "reset" and int(reset.id) == ids[-1] and json.loads(reset.data)["latest"] == ids[-1]
+        assert reset.event == "reset" and reset.id == wire_id(server, ids[-1])
+        assert json.loads(reset.data)["latest"] == ids[-1]
         stream.close()
     stream = RawSubscriber(server, "ring", last_event_id=ids[-3])  # still in the ring: replayed
     assert stream.read_until(lambda s: len(s.message_ids()) == 2) and stream.message_ids() == ids[-2:]
@@ -469,3 +489,28 @@ def test_sigterm_ends_open_streams_and_exits_0_promptly(backend_name):
             out, err = curl.communicate(timeout=10)
             assert curl.returncode == 0 and out.startswith(b"retry: 2000"), err  # a clean end, not a reset
         assert process.process.wait(10) == 0 and time.monotonic() - started < 2
+
+
+def test_an_id_from_before_a_restart_gets_reset_never_a_silent_skip(backend_name):
+    # A client holds ids 1..3; the server restarts and publishes 8 events before the client reconnects with its last
+    # id. With bare numbers it got 4..8 of the new life as if nothing had happened (and never 1..3 of it).
+    with ServerProcess(SERVER, backend_name) as first:
+        holder = RawSubscriber(first, "life")
+        assert holder.subscribed()
+        publish(first, "life", [{"life": 1, "n": n} for n in range(3)])
+        assert holder.read_until(lambda s: len(s.message_ids()) == 3)
+        held_id = holder.parser.last_event_id
+        holder.close()
+        first_epoch = stats(first)["epoch"]
+    with ServerProcess(SERVER, backend_name) as second:
+        assert stats(second)["epoch"] != first_epoch
+        publish(second, "life", [{"life": 2, "n": n} for n in range(8)])
+        again = RawSubscriber(second, "life", last_event_id=held_id)
+        assert again.read_until(lambda s: s.events)
+        assert again.events[0].event == "reset" and again.message_ids() == []
+        assert again.events[0].id == wire_id(second, 8)  # moved to now: a reconnect from there loses nothing new
+        again.close()
+        after_reset = RawSubscriber(second, "life", last_event_id=again.events[0].id)
+        publish(second, "life", [{"life": 2, "n": 8}])
+        assert after_reset.read_until(lambda s: s.message_ids() == [9])
+        after_reset.close()

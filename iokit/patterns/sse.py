@@ -12,8 +12,12 @@ What this module decides:
 
 * **One ring of the last ``ring_events`` events**, across topics, numbered by one sequence. A reconnecting client gets
   the events of its topic after its ``Last-Event-ID``; if events it may have missed have left the ring (or the id is not
-  one this server gave, e.g. from before a restart), it gets ``event: reset`` instead, whose ``id`` moves it to now. One
-  ring bounds memory by count and message size, however many topics clients invent.
+  one this server gave), it gets ``event: reset`` instead, whose ``id`` moves it to now. One ring bounds memory by count
+  and message size, however many topics clients invent.
+* **Ids carry the server's epoch**: ``<epoch>-<seq>``, the epoch drawn at random when the server starts. The sequence
+  starts again at 1 in every life of the server, so a bare number from before a restart would name another event of
+  the new life, and the client would get the events after it as if nothing had happened (silently skipping what the
+  new life published before it). With the epoch, an id from an earlier life is not one of ours: ``event: reset``.
 * **Subscribe atomically**: the replay is taken and the subscriber registered in one step (the caller holds its lock
   across ``Broker.subscribe``), so an event is either in the replay or in the queue, never in neither or both.
 * **A bounded queue per subscriber** (``subscriber_queue_events`` or ``subscriber_queue_bytes``). When a publish finds
@@ -31,6 +35,7 @@ import dataclasses
 import enum
 import json
 import re
+import secrets
 from typing import Callable, Iterator
 
 from .limits import PushLimits
@@ -60,9 +65,9 @@ class TooManySubscribers(PushError):
 
 # -- the wire format ---------------------------------------------------------------------------------------------------
 
-def format_event(data: str, *, event_id: int | None = None, event: str | None = None) -> bytes:
-    """Return one event: optional ``id`` and ``event`` lines, one ``data`` line, the blank line.
-    ``data`` must be a single line (compact JSON is); raises ``ValueError`` otherwise."""
+def format_event(data: str, *, event_id: str | int | None = None, event: str | None = None) -> bytes:
+    """Return one event: optional ``id`` (``str``: ``<epoch>-<seq>``, or a bare number) and ``event`` lines, one
+    ``data`` line, the blank line. ``data`` must be a single line (compact JSON is); raises ``ValueError`` otherwise."""
     if "\n" in data or "\r" in data:
         raise ValueError("event data must be one line")
     lines = []
@@ -111,12 +116,14 @@ def _ascii_number(value: str, max_digits: int = 19) -> int | None:
     return None
 
 
-def parse_last_event_id(value: str | None) -> int | None:
-    """Return the sequence number in a ``Last-Event-ID`` header; ``None`` without one; ``-1`` for a value that is not
-    one of our ids (it can only be answered with a reset)."""
+def parse_last_event_id(value: str | None, epoch: str) -> int | None:
+    """Return the sequence number in a ``Last-Event-ID`` header ``<epoch>-<seq>`` of this ``epoch``; ``None`` without
+    one; ``-1`` for a value that is not one of this life's ids (an earlier life's, a bare number, garbage: it can only
+    be answered with a reset)."""
     if value is None or value.strip() == "":
         return None
-    number = _ascii_number(value.strip())
+    given_epoch, separator, seq = value.strip().rpartition("-")
+    number = _ascii_number(seq) if separator and given_epoch == epoch else None
     return -1 if number is None else number
 
 
@@ -131,17 +138,28 @@ class Event:
     frame: bytes
 
 
-class EventRing:
-    """The last ``capacity`` events, oldest first, numbered without gaps."""
+def new_epoch() -> str:
+    """Return a name for this life of the server: 48 random bits in hex (two lives share one once in 2**24 pairs)."""
+    return secrets.token_hex(6)
 
-    def __init__(self, capacity: int):
+
+class EventRing:
+    """The last ``capacity`` events, oldest first, numbered without gaps; ``epoch`` (default: a new one) names this
+    life of the server in every event id."""
+
+    def __init__(self, capacity: int, epoch: str | None = None):
         self._events: collections.deque[Event] = collections.deque(maxlen=capacity)
         self.latest_seq = 0
+        self.epoch = new_epoch() if epoch is None else epoch
+
+    def event_id(self, seq: int) -> str:
+        """Return the id sent for sequence number ``seq``: ``<epoch>-<seq>``."""
+        return f"{self.epoch}-{seq}"
 
     def append(self, topic: str, data: str) -> Event:
         """Number and keep a new event on ``topic``; return it. The number is taken only once the event is formatted,
         so an event that cannot be formatted leaves no gap in the ids."""
-        event = Event(self.latest_seq + 1, topic, format_event(data, event_id=self.latest_seq + 1))
+        event = Event(self.latest_seq + 1, topic, format_event(data, event_id=self.event_id(self.latest_seq + 1)))
         self.latest_seq = event.seq
         self._events.append(event)
         return event
@@ -226,12 +244,14 @@ class Subscriber:
 
 
 class Broker:
-    """Topics, their subscribers, and the ring. Not thread-safe: the server calls it under one lock."""
+    """Topics, their subscribers, and the ring (whose ``epoch`` is this life's; default: a new one). Not thread-safe:
+    the server calls it under one lock."""
 
-    def __init__(self, limits: PushLimits, policy: SlowPolicy):
+    def __init__(self, limits: PushLimits, policy: SlowPolicy, epoch: str | None = None):
         self.limits = limits
         self.policy = policy
-        self.ring = EventRing(limits.ring_events)
+        self.ring = EventRing(limits.ring_events, epoch)
+        self.epoch = self.ring.epoch
         self._topics: dict[str, set[Subscriber]] = {}
         self._count = 0
 
@@ -281,7 +301,7 @@ class Broker:
         # The id moves the client to now: if it reconnects, it resumes from here rather than being reset again.
         data = compact_json({"last_event_id": last_event_id if last_event_id >= 0 else None,
                              "oldest_available": self.ring.oldest_seq, "latest": self.ring.latest_seq})
-        return format_event(data, event_id=self.ring.latest_seq, event="reset")
+        return format_event(data, event_id=self.ring.event_id(self.ring.latest_seq), event="reset")
 
 
 # -- the client side ---------------------------------------------------------------------------------------------------
