@@ -2,7 +2,8 @@
 
     POST /jobs                {"duration_ms": N, "fail": bool}: 202, Location, Retry-After: 1, the job's monitor
                               (Idempotency-Key: the same key and request give the same job; another request, 409)
-    GET  /jobs/{id}           the monitor (short poll; Retry-After: 1 until the job has ended)
+    GET  /jobs/{id}           the monitor (short poll; Retry-After: 1 until the job has ended); 304 without a body
+                              when If-None-Match names its current ETag
     GET  /jobs/{id}?wait=S&version=V
                               long poll: held until the job's version is not V, the job ends, or S seconds pass
                               (default 30, at most 60, plus a little jitter); always 200 with the monitor
@@ -68,8 +69,27 @@ def http_error(error: JobError) -> HttpError:
     return HttpError(status, str(error), error=code, headers=headers)
 
 
+def etag(monitor: dict) -> str:
+    return f'"{monitor["version"]}"'
+
+
 def monitor_response(monitor: dict, status: int, *extra_headers: tuple[str, str]) -> Response:
-    return Response.json(monitor, status, headers=[("ETag", f'"{monitor["version"]}"'), NO_STORE, *extra_headers])
+    return Response.json(monitor, status, headers=[("ETag", etag(monitor)), NO_STORE, *extra_headers])
+
+
+def not_modified(monitor: dict, *extra_headers: tuple[str, str]) -> Response:
+    """304: the client's copy (its If-None-Match) is the current one. No body; the headers a 200 would have."""
+    return Response(304, headers=[("ETag", etag(monitor)), NO_STORE, *extra_headers])
+
+
+def etag_matches(if_none_match: str | None, current: str) -> bool:
+    """Return ``True`` if ``If-None-Match`` names ``current`` (RFC 9110 section 13.1.2: ``*``, or a list of tags,
+    compared weakly: ``W/"3"`` matches ``"3"``)."""
+    if if_none_match is None:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == current for tag in if_none_match.split(","))
 
 
 class JobsServer:
@@ -116,7 +136,10 @@ class JobsServer:
             if long_poll is None:
                 monitor = self._monitor(job_id)
                 terminal = monitor["status"] in ("succeeded", "failed", "canceled")
-                return monitor_response(monitor, 200, *(() if terminal else (POLL_AGAIN_AFTER,)))
+                extra = () if terminal else (POLL_AGAIN_AFTER,)
+                if etag_matches(request.headers.get("if-none-match"), etag(monitor)):
+                    return not_modified(monitor, *extra)
+                return monitor_response(monitor, 200, *extra)
             return monitor_response(await self._hold(request, job_id, long_poll), 200)
         except JobError as error:
             raise http_error(error) from None

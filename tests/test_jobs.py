@@ -288,6 +288,26 @@ def test_errors_are_json(server, path, options, status, error):
     assert (answer[0], answer[2]["error"]) == (status, error) and answer[2]["detail"]
 
 
+def test_if_none_match_with_the_current_etag_is_304_without_a_body(server):
+    _, headers, monitor = post_job(server, 60_000)
+    location, current = headers["location"], headers["etag"]
+    for tag in (current, f"W/{current}", f'"0", {current}', "*"):
+        done = subprocess.run(["curl", "-sS", "-i", "--max-time", "10", "-H", f"If-None-Match: {tag}",
+                               server.url + location], capture_output=True, timeout=30)
+        head, _, body = done.stdout.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        fields = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+        assert lines[0].startswith("HTTP/1.1 304"), (tag, lines[0])
+        assert body == b"" and "content-length" not in fields and "transfer-encoding" not in fields
+        assert fields["etag"] == current and fields["cache-control"] == "no-store" and fields["retry-after"] == "1"
+    # An older tag gets the monitor, as does a poll without one; a long poll always answers 200.
+    assert curl(server, location, "-H", 'If-None-Match: "1"')[0] == 200
+    assert curl(server, f"{location}?wait=0", "-H", f"If-None-Match: {current}")[0] == 200
+    curl(server, f"{location}/cancel", "-X", "POST")
+    status, headers, _ = curl(server, location, "-H", f"If-None-Match: {current}")  # it changed: the new monitor
+    assert status == 200 and headers["etag"] != current
+
+
 @pytest.mark.parametrize("query", ["wait=abc", "wait=61", "wait=-1", "wait=", "wait=5&version=x"])
 def test_a_bad_wait_or_version_is_400(server, query):
     _, headers, _ = post_job(server, 0)
