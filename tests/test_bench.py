@@ -344,3 +344,4 @@ def test_small_formatting_helpers():
     assert describe_params({"connections": 64, "message_bytes": 16384, "mode": "pipelined", "depth": 16}) == \
         "64 conns 16KiB pipelined x16"
     assert describe_params({"cache": "direct", "queue_depth": 32}) == "direct qd=32"
+    assert describe_params({"connections": 64, "request": "GET / browser"}) == "64 conns GET / browser"
