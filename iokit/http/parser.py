@@ -122,10 +122,10 @@ class RequestParser:
             self._request_line_prefix = None
         if self._state is _State.HEAD:
             self._head_bytes_fed += len(data)
-        in_body, body_before, chunk_headers_before = self._state is _State.BODY, self._body_bytes, self._chunk_headers
-        self._feed_httptools(data)
-        if in_body:
-            self._count_chunk_line(len(data) - (self._body_bytes - body_before), chunk_headers_before)
+        if len(data) <= self._limits.max_chunk_line_bytes and not (self._state is _State.BODY and self._chunked):
+            self._feed_httptools(data)  # the usual case: a head, or a body framed by Content-Length
+        else:
+            self._feed_sliced(data)
         if self._state is _State.HEAD:
             if self._head_bytes_fed > self._limits.max_request_line_bytes + self._limits.max_header_bytes:
                 self._fail(431, "the header section is too large", report=True)
@@ -175,15 +175,32 @@ class RequestParser:
                 self._on_llhttp_error(str(error))
                 return
 
-    def _count_chunk_line(self, framing_bytes: int, chunk_headers_before: int) -> None:
-        """Count the body bytes of one feed that were neither data nor trailers: a chunk-size line and its extensions,
-        which httptools buffers unseen. One read that also ends the line may run past the bound by its own size."""
-        if self._chunk_headers != chunk_headers_before or self._in_trailers:
-            self._chunk_line_bytes = 0
-        else:
-            self._chunk_line_bytes += framing_bytes
-        if self._state is _State.BODY and self._chunk_line_bytes > self._limits.max_chunk_line_bytes:
-            self._fail(400, f"a chunk-size line is longer than {self._limits.max_chunk_line_bytes} bytes", report=True)
+    def _feed_sliced(self, data: bytes) -> None:
+        """Feed heads and chunked bodies in slices of ``max_chunk_line_bytes``, bounding each chunk-size line
+        (extensions included), which httptools reads unseen.
+
+        httptools says when a line ends but not where, so the bytes of a slice that were neither data nor trailers
+        count against the line in progress; with slices that small, a line is refused by the time it reaches twice
+        the bound, whatever the reads. A body framed by Content-Length has no such line: the rest goes in whole."""
+        step = self._limits.max_chunk_line_bytes
+        start = 0
+        while start < len(data) and self._state in (_State.BETWEEN_MESSAGES, _State.HEAD, _State.BODY):
+            if self._state is _State.BODY and not self._chunked:
+                self._feed_httptools(data[start:])
+                return
+            counting = self._state is _State.BODY
+            piece = data[start:start + step]
+            body_before, chunk_headers_before = self._body_bytes, self._chunk_headers
+            self._feed_httptools(piece)
+            start += len(piece)
+            if not counting or self._state is not _State.BODY:
+                continue
+            if self._chunk_headers != chunk_headers_before or self._in_trailers:
+                self._chunk_line_bytes = 0
+            else:
+                self._chunk_line_bytes += len(piece) - (self._body_bytes - body_before)
+            if self._chunk_line_bytes > step:
+                self._fail(400, f"a chunk-size line is longer than {step} bytes", report=True)
 
     def _on_llhttp_error(self, reason: str) -> None:
         if self._state is _State.HEAD and self._method() == "PRI":
@@ -228,6 +245,7 @@ class RequestParser:
         self._chunk_line_bytes = 0     # bytes of the current one so far,
         self._chunk_has_data = False
         self._in_trailers = False      # and whether the last chunk (size 0) has passed
+        self._chunked = False
 
     def _method(self) -> str:
         if not self._method_name:
@@ -271,7 +289,7 @@ class RequestParser:
         framing = self._framing_fields
         if version == "1.1" and len(framing.get("host", ())) != 1:
             self._fail(400, "an HTTP/1.1 request needs exactly one Host header")
-        chunked = self._check_transfer_encoding(framing, version)
+        chunked = self._chunked = self._check_transfer_encoding(framing, version)
         content_length = self._check_content_length(framing, chunked)
         keep_alive = self._parser.should_keep_alive() and method != "CONNECT"
         expect_continue = version == "1.1" and "100-continue" in comma_separated(framing.get("expect", ()))
