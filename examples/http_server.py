@@ -14,6 +14,7 @@ import sys
 
 import iokit
 from iokit import serve
+from iokit.http.client_input import read_integer
 from iokit.http import App, HttpError, HttpLimits, HttpServer, Response, cors
 
 MAX_DELAY_MS = 10_000
@@ -36,10 +37,11 @@ async def echo(request):
 @app.route("GET", "/delay")
 async def delay(request):
     text = request.query.get("ms", "")
-    if not text.isdigit() or int(text) > MAX_DELAY_MS:
-        raise HttpError(400, f"ms must be an integer from 0 to {MAX_DELAY_MS}, not {text!r}")
-    await iokit.sleep(int(text) / 1000)
-    return Response.json({"delayed_ms": int(text)})
+    milliseconds = read_integer(text)
+    if milliseconds is None or milliseconds > MAX_DELAY_MS:
+        raise HttpError(400, f"ms must be an integer from 0 to {MAX_DELAY_MS}, not {text[:40]!r}")
+    await iokit.sleep(milliseconds / 1000)
+    return Response.json({"delayed_ms": milliseconds})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import math
 import secrets
 from typing import Any, Callable
 
+from ..http.client_input import InvalidJson, read_decimal, read_integer, read_json
 from .limits import JobLimits
 
 
@@ -107,9 +108,9 @@ def parse_job_request(body: bytes, limits: JobLimits) -> JobRequest:
     an integer from 0 to ``max_duration_ms``, or a ``fail`` that is not a boolean.
     """
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidJobRequest(f"the body is not JSON: {error}") from None
+        value = read_json(body)
+    except InvalidJson as error:
+        raise InvalidJobRequest(str(error)) from None
     if not isinstance(value, dict):
         raise InvalidJobRequest("the body must be a JSON object")
     unknown = sorted(set(value) - {"duration_ms", "fail"})
@@ -155,18 +156,15 @@ def parse_long_poll(query: dict[str, str], limits: JobLimits, jitter: float) -> 
         return None
     wait = limits.default_wait_seconds
     if "wait" in query:
-        try:
-            wait = float(query["wait"])
-        except ValueError:
-            wait = math.nan
-        if not 0 <= wait <= limits.max_wait_seconds:  # NaN fails this too
+        wait = read_decimal(query["wait"])
+        if wait is None or wait > limits.max_wait_seconds:
             raise InvalidJobRequest(f"wait must be a number of seconds from 0 to {limits.max_wait_seconds:g}, "
-                                    f"not {query['wait']!r}")
+                                    f"not {query['wait'][:40]!r}")
     version = None
     if "version" in query:
-        if not query["version"].isdigit():
-            raise InvalidJobRequest(f"version must be a whole number, not {query['version']!r}")
-        version = int(query["version"])
+        version = read_integer(query["version"])
+        if version is None:
+            raise InvalidJobRequest(f"version must be a whole number, not {query['version'][:40]!r}")
     return LongPoll(wait * (1 + limits.wait_jitter * jitter), version)
 
 

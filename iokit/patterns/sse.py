@@ -38,6 +38,7 @@ import re
 import secrets
 from typing import Callable, Iterator
 
+from ..http.client_input import InvalidJson, read_integer, read_json
 from .limits import PushLimits
 
 PING = b": ping\n\n"
@@ -102,18 +103,11 @@ def parse_message(body: bytes) -> str:
     """Return the JSON body of a published message, re-encoded on one line. Raises ``InvalidMessage`` if not JSON, or
     if it holds a lone surrogate escape (JSON allows ``"\\ud800"``; it has no UTF-8 form to send)."""
     try:
-        message = compact_json(json.loads(body))
+        message = compact_json(read_json(body))
         message.encode("utf-8")
-    except (ValueError, UnicodeError) as error:
+    except (InvalidJson, UnicodeError) as error:
         raise InvalidMessage(f"the message must be JSON text with a UTF-8 form: {error}") from None
     return message
-
-
-def _ascii_number(value: str, max_digits: int = 19) -> int | None:
-    # str.isdigit() also accepts superscripts and other scripts' digits, which int() refuses: ASCII digits only.
-    if value.isascii() and value.isdigit() and len(value) <= max_digits:
-        return int(value)
-    return None
 
 
 def parse_last_event_id(value: str | None, epoch: str) -> int | None:
@@ -123,7 +117,7 @@ def parse_last_event_id(value: str | None, epoch: str) -> int | None:
     if value is None or value.strip() == "":
         return None
     given_epoch, separator, seq = value.strip().rpartition("-")
-    number = _ascii_number(seq) if separator and given_epoch == epoch else None
+    number = read_integer(seq) if separator and given_epoch == epoch else None
     return -1 if number is None else number
 
 
@@ -371,8 +365,8 @@ class EventStreamParser:
             self._data.append(value)
         elif name == "id" and "\0" not in value:
             self.last_event_id = value
-        elif name == "retry" and _ascii_number(value) is not None:
-            self.retry = self._retry_in_block = _ascii_number(value)
+        elif name == "retry" and read_integer(value) is not None:
+            self.retry = self._retry_in_block = read_integer(value)
         return None
 
     def _dispatch(self) -> ReceivedEvent | None:

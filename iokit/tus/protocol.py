@@ -24,7 +24,9 @@ import re
 import secrets
 import urllib.parse
 
+from ..http.client_input import read_integer
 from ..http.errors import HttpError
+from ..http.messages import Headers
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = ("creation", "termination", "checksum", "expiration", "concatenation")
@@ -36,7 +38,6 @@ COLLECTION_PATH = "/files"
 CHECKSUM_MISMATCH = 460
 
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
-_DIGITS = re.compile(r"[0-9]{1,19}")  # a non-negative integer: no sign, no spaces, fits in 63 bits
 _METADATA_KEY = re.compile(r"[^\s,]+")
 _UPLOAD_PATH = re.compile(re.escape(COLLECTION_PATH) + r"/([0-9a-f]{32})")
 
@@ -78,12 +79,22 @@ def check_patch_content_type(value: str | None) -> None:
                         f"a PATCH body must be {PATCH_CONTENT_TYPE}, not {value or 'untyped'}")
 
 
+def single_header(headers: Headers, name: str) -> str | None:
+    """Return the one value of the header ``name`` (``None`` when absent); raise 400 when it is sent more than once,
+    rather than let the first (or the last) win: two offsets or lengths are a client we cannot follow."""
+    values = headers.get_all(name)
+    if len(values) > 1:
+        raise tus_error(400, f"repeated_{name.lower().replace('-', '_')}", f"{name} is sent {len(values)} times")
+    return values[0] if values else None
+
+
 def _non_negative_integer(name: str, value: str | None) -> int:
-    if value is None or _DIGITS.fullmatch(value) is None:
-        shown = "missing" if value is None else repr(value)
+    number = read_integer(value)
+    if number is None:
+        shown = "missing" if value is None else repr(value[:40])
         raise tus_error(400, f"invalid_{name.lower().replace('-', '_')}",
                         f"{name} must be a non-negative integer, got {shown}")
-    return int(value)
+    return number
 
 
 def parse_upload_offset(value: str | None) -> int:

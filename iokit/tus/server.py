@@ -1,6 +1,7 @@
 """The tus routes on the shared HTTP core, and the service that serves them with the store's lifespan.
 
-Each handler checks the request in the order tus (and tusd) give the statuses, so that a request refused for one reason
+Each header is read with ``protocol.single_header`` (sent twice, it is a 400: neither copy wins). Each handler checks
+the request in the order tus (and tusd) give the statuses, so that a request refused for one reason
 is not also half-processed for another: first the protocol version (412: the request must then not be processed at
 all), then the headers' own shape (415, 400), then the upload (404, 410), then what the request would do to it (403,
 423, 409, 413), and only then the body. The store does the work; these functions only translate between headers and
@@ -48,10 +49,11 @@ class UploadHandlers:
 
     async def create(self, request) -> Response:
         headers = request.headers
-        protocol.check_tus_resumable(headers.get("tus-resumable"))
+        protocol.check_tus_resumable(protocol.single_header(headers, "tus-resumable"))
         limits = self.store.limits
-        concat = protocol.parse_concat(headers.get("upload-concat"))
-        metadata = protocol.parse_metadata(headers.get("upload-metadata"), limits.max_metadata_bytes)
+        concat = protocol.parse_concat(protocol.single_header(headers, "upload-concat"))
+        metadata = protocol.parse_metadata(protocol.single_header(headers, "upload-metadata"),
+                                           limits.max_metadata_bytes)
         if "upload-defer-length" in headers:
             raise tus_error(400, "defer_length_unsupported", "this server needs Upload-Length at creation")
         if concat is not None and concat.kind == "final":
@@ -60,13 +62,14 @@ class UploadHandlers:
                                                               "do not send Upload-Length")
             upload = await self.store.concatenate(concat.part_ids, metadata)
         else:
-            length = protocol.parse_upload_length(headers.get("upload-length"), limits.max_upload_bytes)
+            length = protocol.parse_upload_length(protocol.single_header(headers, "upload-length"),
+                                                  limits.max_upload_bytes)
             upload = await self.store.create(length, metadata, concat)
         response_headers = [("Location", upload_path(upload.id)), *_state_headers(self.store, upload)]
         return Response(201, headers=response_headers)
 
     async def head(self, request) -> Response:
-        protocol.check_tus_resumable(request.headers.get("tus-resumable"))
+        protocol.check_tus_resumable(protocol.single_header(request.headers, "tus-resumable"))
         upload = await self.store.lookup(request.path_params["upload_id"])
         headers = [*_state_headers(self.store, upload), ("Cache-Control", "no-store")]
         if upload.metadata:
@@ -77,10 +80,10 @@ class UploadHandlers:
 
     async def patch(self, request) -> Response:
         headers = request.headers
-        protocol.check_tus_resumable(headers.get("tus-resumable"))
-        protocol.check_patch_content_type(headers.get("content-type"))
-        offset = protocol.parse_upload_offset(headers.get("upload-offset"))
-        checksum = protocol.parse_checksum(headers.get("upload-checksum"))
+        protocol.check_tus_resumable(protocol.single_header(headers, "tus-resumable"))
+        protocol.check_patch_content_type(protocol.single_header(headers, "content-type"))
+        offset = protocol.parse_upload_offset(protocol.single_header(headers, "upload-offset"))
+        checksum = protocol.parse_checksum(protocol.single_header(headers, "upload-checksum"))
         upload = await self.store.lookup(request.path_params["upload_id"])
         async with self.store.patch(upload, offset, request.head.content_length, checksum) as chunk:
             async for piece in request.body():
@@ -89,7 +92,7 @@ class UploadHandlers:
         return Response(204, headers=_state_headers(self.store, upload))
 
     async def delete(self, request) -> Response:
-        protocol.check_tus_resumable(request.headers.get("tus-resumable"))
+        protocol.check_tus_resumable(protocol.single_header(request.headers, "tus-resumable"))
         upload = await self.store.lookup(request.path_params["upload_id"])
         await self.store.delete(upload)
         return Response(204, headers=[("Tus-Resumable", TUS_VERSION)])
