@@ -196,7 +196,9 @@ def wait_then_attempt(op: Op, wake_fd: int) -> int:
     if result != EAGAIN:
         return result
     poller = select.poll()
-    poller.register(op.fd, select.POLLOUT if wants_writable(op) else select.POLLIN)
+    # A POLL op waits for exactly its own events: POLLIN for a POLLRDHUP-only wait would spin while data is unread.
+    poller.register(op.fd, op.flags if op.kind is OpKind.POLL else
+                    select.POLLOUT if wants_writable(op) else select.POLLIN)
     poller.register(wake_fd, select.POLLIN)
     while True:
         if op.cancel_requested:
@@ -208,9 +210,18 @@ def wait_then_attempt(op: Op, wake_fd: int) -> int:
                 op.cancel_requested = True  # cancelled by its own deadline, as an io_uring linked timeout does
                 return -errno.ECANCELED
             timeout_ms = max(1, int(remaining * 1000 + 0.999))
+        fd_ready = False
         for fd, _mask in poller.poll(timeout_ms):
             if fd == wake_fd:
                 drain_eventfd(wake_fd)
+            else:
+                fd_ready = True
+        if not fd_ready:
+            # Woken (a cancel, a deadline) with the fd not ready: no last try. A send would often still fit a few
+            # KiB (poll says writable only with a third of the buffer free), and that "progress" would start the
+            # caller's next send timeout afresh: a reader that stopped would be dropped after twice the timeout, not
+            # once as on epoll and uring, which try only when the kernel reports the fd ready.
+            continue
         result = attempt(op)
         if result != EAGAIN:
             return result

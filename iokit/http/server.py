@@ -341,7 +341,11 @@ class _Connection:
             self.parser.feed(data)
             buffered += len(data)
             if buffered > self.limits.drain_body_bytes:
-                await iokit.sleep_forever()  # cannot tell any more without reading further: wait to be cancelled
+                # Keep no more, and still see the client leave: POLLRDHUP alone (a reset is POLLERR/POLLHUP, which
+                # poll always reports) needs no read, while the rest waits in the kernel's buffer.
+                await iokit.perform(iokit.ops.poll(fd, select.POLLRDHUP))
+                self.peer_closed = self.must_close = True
+                return
 
     async def _discard_rest_of_body(self, request: Request) -> bool:
         """Read and drop what the handler left of the body. Return ``False`` if that failed (then we close)."""
