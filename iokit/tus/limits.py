@@ -1,7 +1,9 @@
 """Every bound and timing of the upload server, in one place.
 
 An upload server holds files for clients it does not know, so each thing a client can make it keep is bounded: the size
-of one upload (``Tus-Max-Size``), how long an unfinished upload lives (``Upload-Expires``), how much acknowledged data
+of one upload (``Tus-Max-Size``), how many unfinished uploads there are and what their lengths add up to (a creation
+costs the client one request and the server a promise kept for a day), how long an unfinished upload lives
+(``Upload-Expires``), how much acknowledged data
 may sit in memory before the flusher writes it (async durability), and the free space kept on the disk so that the
 small record files that say how far an upload got can always be written. ``serve.add_limit_arguments`` turns each field
 into a flag (``expiry_seconds`` -> ``--expiry-seconds``), which is how the tests shorten the 24 h expiry to a second.
@@ -26,6 +28,14 @@ class UploadLimits:
     max_upload_bytes: int = 4 * GIB
     """The largest upload (``Tus-Max-Size``); a larger ``Upload-Length``, or a final upload whose parts add up to more,
     gets 413."""
+
+    max_live_uploads: int = 1024
+    """Unfinished uploads at once: each is a promise the server keeps for ``expiry_seconds`` whether or not a byte
+    follows. One creation more gets 503 with ``Retry-After`` (finishing, deleting or expiring one frees a place)."""
+
+    max_promised_bytes: int = 64 * GIB
+    """The ``Upload-Length`` of every unfinished upload, added up: what clients have said they will send. A creation
+    that would take the sum past this gets 413 (``Tus-Max-Size`` still bounds one upload)."""
 
     expiry_seconds: float = 24 * 3600.0
     """An unfinished upload that has not grown for this long expires: its data is removed and its URL answers 410.

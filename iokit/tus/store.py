@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import sys
 import threading
@@ -122,6 +123,7 @@ class UploadStore:
         self._expired: dict[str, float] = {}  # id -> when it expired (410 for a while, then 404)
         self._lock = threading.Lock()
         self._wake_flusher = iokit.Event()
+        self._creating: list[int] = []  # the lengths of creations under way: promised, not yet in the table
 
     # -- starting and stopping ---------------------------------------------------------------------------------------
 
@@ -227,18 +229,38 @@ class UploadStore:
     async def create(self, length: int, metadata: dict[str, bytes], concat: Concat | None = None) -> Upload:
         """Create an empty upload of ``length`` bytes, durably (data file and record) in both modes. 507 if the disk
         is full."""
-        now = self.clock()
-        record = Record(new_upload_id(), length, metadata, concat, created_at=now, updated_at=now)
-        files = UploadFiles(self.directory, record.upload_id)
+        self._promise(length)
         try:
-            await files.create_data()
-            await files.write_record(record)
-        except BaseException as error:
-            files.remove()
-            if is_disk_full(error):
-                raise _disk_full("the disk is full; no upload can be created now") from None
-            raise
-        return self._add(Upload(record, files))
+            now = self.clock()
+            record = Record(new_upload_id(), length, metadata, concat, created_at=now, updated_at=now)
+            files = UploadFiles(self.directory, record.upload_id)
+            try:
+                await files.create_data()
+                await files.write_record(record)
+            except BaseException as error:
+                files.remove()
+                if is_disk_full(error):
+                    raise _disk_full("the disk is full; no upload can be created now") from None
+                raise
+            return self._add(Upload(record, files))
+        finally:
+            with self._lock:
+                self._creating.remove(length)
+
+    def _promise(self, length: int) -> None:
+        """Count a creation of ``length`` bytes against ``max_live_uploads`` and ``max_promised_bytes`` (503, 413),
+        before its first await, so that creations running at once cannot all pass the same check."""
+        limits = self.limits
+        with self._lock:
+            live = [upload.length for upload in self._uploads.values() if not upload.finished] + self._creating
+            if len(live) >= limits.max_live_uploads:
+                raise tus_error(503, "too_many_uploads", f"{len(live)} unfinished uploads are open, this server's "
+                                f"limit; finish or delete one, or retry later",
+                                headers=(("Retry-After", str(math.ceil(limits.sweep_interval))),))
+            if sum(live) + length > limits.max_promised_bytes:
+                raise tus_error(413, "too_many_bytes_promised", f"the unfinished uploads already promise {sum(live)} "
+                                f"bytes; {length} more would pass this server's limit of {limits.max_promised_bytes}")
+            self._creating.append(length)
 
     def _add(self, upload: Upload) -> Upload:
         with self._lock:
