@@ -1,7 +1,10 @@
 """A bounded pool of worker threads that perform ops with blocking calls (the ``threads`` model, and ``epoll``'s
 regular-file ops).
 
-Workers are started on demand, up to ``max_workers``, and then kept. A worker performs an op with
+Workers are started on demand, up to ``max_workers``, and a worker that finds no op for ``idle_timeout`` seconds
+leaves, closing its eventfd: a burst of connections would otherwise leave a thread and an fd per op it ever ran at once,
+for the life of the process. Leaving is decided under the lock, against the count of idle workers that ``start`` hands
+ops to, so an op is never queued for a worker that is on its way out. A worker performs an op with
 ``wait_then_attempt`` (try; if the socket is not ready, block in poll(2) on it and on the worker's own eventfd), so a
 cancel can interrupt a worker that waits on an idle socket. A queued op that is cancelled before a worker takes it
 never runs.
@@ -14,6 +17,7 @@ in-flight table is only ever touched by the loop thread.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import queue
 import threading
@@ -23,20 +27,27 @@ from ._syscalls import wait_then_attempt
 
 _QUEUED, _RUNNING, _CANCELLED_EARLY = "queued", "running", "cancelled-before-start"
 
+DEFAULT_IDLE_TIMEOUT = 5.0
+"""Seconds a worker waits for an op before it leaves (a burst's threads and eventfds go back within this)."""
+
 
 class WorkerPool:
-    def __init__(self, max_workers: int, notify_fd: int, name: str) -> None:
+    def __init__(self, max_workers: int, notify_fd: int, name: str, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        if not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
         self.max_workers = max_workers
+        self.idle_timeout = idle_timeout
         self._notify_fd = notify_fd
         self._name = name
         self._jobs: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._done: list[tuple[Op, int]] = []
         self._state: dict[int, str] = {}  # op.id -> _QUEUED / _RUNNING / _CANCELLED_EARLY
-        self._threads: list[threading.Thread] = []
+        self._threads: set[threading.Thread] = set()
         self._idle = 0
+        self._numbers = itertools.count()
 
     def start(self, op: Op) -> None:
         """Queue ``op`` for a worker, starting a new worker if none is idle and the pool is not full."""
@@ -46,10 +57,11 @@ class WorkerPool:
             need_worker = self._idle == 0 and len(self._threads) < self.max_workers
             if self._idle:
                 self._idle -= 1
+            if need_worker:
+                worker = threading.Thread(target=self._work, name=f"iokit-{self._name}-{next(self._numbers)}",
+                                          daemon=True)
+                self._threads.add(worker)
         if need_worker:
-            worker = threading.Thread(target=self._work, name=f"iokit-{self._name}-{len(self._threads)}",
-                                      daemon=True)
-            self._threads.append(worker)
             worker.start()
         self._jobs.put(op)
 
@@ -79,17 +91,25 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         """Stop the workers (call once nothing is in flight) and wait for them."""
-        for _ in self._threads:
+        with self._lock:
+            workers = list(self._threads)
+        for _ in workers:
             self._jobs.put(None)
-        for worker in self._threads:
+        for worker in workers:
             worker.join()
-        self._threads.clear()
+        with self._lock:
+            self._threads.clear()
 
     def _work(self) -> None:
         wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             while True:
-                op = self._jobs.get()
+                try:
+                    op = self._jobs.get(timeout=self.idle_timeout)
+                except queue.Empty:
+                    if self._leave_if_idle():
+                        return
+                    continue  # an op was handed to this worker as it timed out: it is in the queue
                 if op is None:
                     return
                 with self._lock:
@@ -107,3 +127,14 @@ class WorkerPool:
                 os.eventfd_write(self._notify_fd, 1)
         finally:
             os.close(wake_fd)
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _leave_if_idle(self) -> bool:
+        """Return ``True`` if this idle worker may leave: no op was handed to it (``start`` takes an idle worker by
+        decrementing the count under this lock, so a count of 0 means every idle worker has an op coming)."""
+        with self._lock:
+            if self._idle == 0:
+                return False
+            self._idle -= 1
+            return True

@@ -4,7 +4,8 @@ of which makes the ordinary blocking call; the completion comes back to the loop
 This is the model of libuv's file I/O and of Java's classic executors: simple, works for every kind of fd, and costs a
 thread hand-off (two cross-thread wake-ups) per op. The pool bound is the model's defining limit: an op that waits on
 an idle socket holds a worker, so with ``max_workers`` idle connections pending, further ops queue until a worker is
-free. The benchmarks show what that costs.
+free. The benchmarks show what that costs. Workers that stay idle for ``worker_idle_timeout`` seconds leave, so a
+burst's threads and their eventfds go back when it is over.
 
 TIMEOUT ops and per-op deadlines never reach a worker: they are timers in the loop thread (``TimerHeap``).
 """
@@ -18,7 +19,7 @@ import time
 
 from .._op import Op, OpKind
 from ._base import Backend
-from ._pool import WorkerPool
+from ._pool import DEFAULT_IDLE_TIMEOUT, WorkerPool
 from ._syscalls import drain_eventfd
 from ._timers import TimerHeap, poll_milliseconds
 
@@ -28,12 +29,13 @@ DEFAULT_MAX_WORKERS = 256
 class ThreadsBackend(Backend):
     name = "threads"
 
-    def __init__(self, max_workers: int = DEFAULT_MAX_WORKERS, **_options) -> None:
+    def __init__(self, max_workers: int = DEFAULT_MAX_WORKERS, worker_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 **_options) -> None:
         super().__init__()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poller = select.poll()
         self._poller.register(self._wake_fd, select.POLLIN)
-        self._pool = WorkerPool(max_workers, self._wake_fd, self.name)
+        self._pool = WorkerPool(max_workers, self._wake_fd, self.name, worker_idle_timeout)
         self._timers = TimerHeap()
 
     def _start(self, op: Op) -> None:
