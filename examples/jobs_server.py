@@ -9,6 +9,7 @@
                               (default 30, at most 60, plus a little jitter); always 200 with the monitor
     POST /jobs/{id}/cancel    202 and the canceled monitor (409 if it already succeeded or failed)
     GET  /stats               jobs, queued, running, held: what the server holds now
+    GET  /                    a page that follows one job by short and by long polling, side by side
 
 Every job response has an ``ETag`` (the job's version) and ``Cache-Control: no-store``. The rules (states, versions,
 retention, queue limit, idempotency keys, the registry of held requests) are in ``iokit.patterns.jobs``; the limits in
@@ -32,7 +33,9 @@ Run: ``python examples/jobs_server.py --backend epoll --port 8080``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import pathlib
 import random
 import sys
 import threading
@@ -46,6 +49,7 @@ from iokit.patterns.jobs import (IdempotencyConflict, InvalidJobRequest, JobErro
 from iokit.patterns.limits import JobLimits, check_connections, connections_for
 
 NO_STORE = ("Cache-Control", "no-store")
+PAGE = pathlib.Path(__file__).with_name("pages") / "jobs.html"
 POLL_AGAIN_AFTER = ("Retry-After", "1")
 
 # How each refusal of the job table reaches the client: status and error code.
@@ -110,6 +114,7 @@ class JobsServer:
         self.app.add_route("GET", "/jobs/{job_id}", self.get_job)
         self.app.add_route("POST", "/jobs/{job_id}/cancel", self.cancel_job)
         self.app.add_route("GET", "/stats", self.stats)
+        self.app.add_route("GET", "/", self.page)
 
     # -- routes ------------------------------------------------------------------------------------------------------
 
@@ -160,6 +165,10 @@ class JobsServer:
         with self._waiters_lock:
             counts["held"] = self.waiters.held
         return Response.json(counts, headers=[NO_STORE])
+
+    async def page(self, request) -> Response:
+        return Response(200, _page_bytes(), content_type="text/html; charset=utf-8",
+                        headers=[("Cache-Control", "no-cache")])
 
     # -- holding -----------------------------------------------------------------------------------------------------
 
@@ -228,6 +237,11 @@ class JobsServer:
                 deadline = table.next_deadline()
             with iokit.CancelScope(deadline=math.inf if deadline is None else deadline):
                 await self._runner_wakeup.wait()
+
+
+@functools.cache
+def _page_bytes() -> bytes:
+    return PAGE.read_bytes()  # once, at the first request for it: a few KiB
 
 
 def make_service(arguments) -> HttpServer:

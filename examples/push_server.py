@@ -27,6 +27,8 @@ Run: ``python examples/push_server.py --backend epoll --port 8080``, then
 
 from __future__ import annotations
 
+import functools
+import pathlib
 import sys
 import threading
 
@@ -38,6 +40,7 @@ from iokit.patterns.sse import (PING, Broker, InvalidMessage, SlowPolicy, Subscr
                                 check_topic, format_retry, parse_last_event_id, parse_message)
 
 STREAM_HEADERS = (("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"))
+PAGE = pathlib.Path(__file__).with_name("pages") / "push.html"
 
 
 class PushServer:
@@ -52,6 +55,7 @@ class PushServer:
         self.app.add_route("GET", "/events", self.events)
         self.app.add_route("POST", "/topics/{topic}/messages", self.publish, max_body_size=limits.max_message_bytes)
         self.app.add_route("GET", "/stats", self.stats)
+        self.app.add_route("GET", "/", self.page)
 
     # -- routes ------------------------------------------------------------------------------------------------------
 
@@ -86,6 +90,10 @@ class PushServer:
             counts = {"subscribers": self.broker.subscribers, "epoch": ring.epoch, "latest_id": ring.latest_seq,
                       "oldest_id": ring.oldest_seq}
         return Response.json(counts, headers=[("Cache-Control", "no-store")])
+
+    async def page(self, request) -> Response:
+        return Response(200, _page_bytes(), content_type="text/html; charset=utf-8",
+                        headers=[("Cache-Control", "no-cache")])
 
     # -- a stream ----------------------------------------------------------------------------------------------------
 
@@ -134,6 +142,11 @@ class PushServer:
     def _end(self, subscriber: Subscriber, reason: str) -> None:
         with self._lock:
             subscriber.close(reason)
+
+
+@functools.cache
+def _page_bytes() -> bytes:
+    return PAGE.read_bytes()  # once, at the first request for it: a few KiB
 
 
 async def _nothing():

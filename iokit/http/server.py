@@ -438,7 +438,7 @@ class _Connection:
         if self.peer_closed:
             await self.stream.aclose()
         else:
-            await close_gracefully(self.stream, self.limits.linger_timeout)
+            await close_gracefully(self.stream, self.limits.linger_timeout, shutdown=self.shutdown)
 
 
 def _error_bytes(error: HttpError) -> bytes:
