@@ -71,6 +71,7 @@ class Upload:
         self.offset = record.durable_offset
         self.updated_at = record.updated_at      # last time it grew: expiry counts from here
         self.busy = False                        # a PATCH, concatenation, delete or expiry has it (423 for others)
+        self.committing = False                  # a PATCH is making its chunk the new offset (HEAD: 423 meanwhile)
         self.removed = False
         self.buffer: list[tuple[int, bytearray]] = []  # async: accepted bytes not yet written, as (offset, data)
         self.buffered_bytes = 0                  # ... and their total, until written and synced
@@ -603,6 +604,15 @@ class Chunk:
             raise
 
     async def _keep(self) -> None:
+        # Until the offset is updated (or the chunk discarded), a HEAD would report the offset before the chunk: for
+        # ~20 ms after a client died mid-PATCH in sync mode, then the real one. It answers 423 meanwhile (as tusd).
+        self.upload.committing = True
+        try:
+            await self._commit()
+        finally:
+            self.upload.committing = False
+
+    async def _commit(self) -> None:
         self._settled = True
         upload, store = self.upload, self.store
         new_offset = self.start + self.received
