@@ -16,6 +16,7 @@ import json
 import os
 import select
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -364,3 +365,42 @@ def test_a_binproto_client_that_never_reads_is_dropped_after_one_send_timeout(bi
     echo = encode_frame(Frame(Op.ECHO, 1, b"x" * ((1 << 20) - 64)))
     elapsed = seconds_until_dropped(binproto_server.address, echo)
     assert 1.0 < elapsed < 3.3, elapsed
+
+
+def iokit_thread_count() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name.startswith("iokit-") and thread.is_alive())
+
+
+def test_idle_workers_leave_and_no_op_is_lost_to_a_worker_leaving():
+    """The pool itself, in this process: 30 ops waiting at once make 30 workers, which leave after the idle timeout
+    with their eventfds; then ops submitted right as workers time out all complete (none is queued for a worker
+    that is on its way out)."""
+    from _helpers import collect
+
+    import iokit
+    threads_before, fds_before = iokit_thread_count(), len(os.listdir("/proc/self/fd"))
+    backend = iokit.open_backend("threads", worker_idle_timeout=0.05)
+    pairs = [socket.socketpair() for _ in range(30)]
+    try:
+        for a, b in pairs:
+            a.setblocking(False)
+        ops = [iokit.ops.poll(a.fileno(), select.POLLIN) for a, _ in pairs]
+        backend.submit_many(ops)
+        assert wait_until(lambda: backend.statistics().extra["workers"] == 30, 5)
+        for _, b in pairs:
+            b.send(b"x")
+        collect(backend, ops)
+        assert wait_until(lambda: backend.statistics().extra["workers"] == 0, 5), backend.statistics()
+        assert wait_until(lambda: iokit_thread_count() == threads_before, 5)
+        for round_number in range(60):
+            time.sleep(0.04 + 0.0005 * (round_number % 40))  # around the idle timeout, so workers leave meanwhile
+            ready = [iokit.ops.poll(a.fileno(), select.POLLIN) for a, _ in pairs[:3]]
+            backend.submit_many(ready)
+            collect(backend, ready, timeout=2)
+    finally:
+        backend.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert wait_until(lambda: iokit_thread_count() == threads_before, 5)
+    assert wait_until(lambda: len(os.listdir("/proc/self/fd")) == fds_before, 5)
