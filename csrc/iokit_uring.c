@@ -19,7 +19,7 @@
  *   GETEVENTS: every wait here does, even one that must not block.
  */
 #define _GNU_SOURCE
-#include "iokit_uring.h"
+#include "iokit_ring_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -35,35 +35,8 @@
 #include <unistd.h>
 
 #define NSEC_PER_SEC 1000000000LL
-#define TAG(n) ((1ULL << 63) | ((uint64_t)(n) << 56))
-#define UD_LINK_TIMEOUT TAG(1)
-#define UD_CANCEL TAG(2)
-#define UD_WAKE TAG(3)
-#define UD_PROBE TAG(4)
-#define UD_TAG(user_data) ((user_data) & ~IOKIT_MAX_ID)
-#define RECV_BUFFER_GROUP 0
 #define FIXED_FILE_SLOTS 256
 #define SQPOLL_IDLE_MS 100
-
-struct iokit_ring {
-	struct io_uring ring;
-	uint32_t features;
-	int wake_fd;
-	bool wake_multishot;   /* the wakeup poll stays armed across CQEs (IORING_POLL_ADD_MULTI, 5.13) */
-	bool wake_armed;
-	bool woken;            /* a wakeup was reaped during the current wait */
-	struct __kernel_timespec *timespecs; /* one per SQE slot: see slot_timespec() */
-	unsigned fixed_file_slots;
-	/* Provided buffers for multishot recv: a ring of buffer descriptors shared with the kernel, and the buffers. */
-	struct io_uring_buf_ring *buf_ring;
-	size_t buf_ring_bytes;
-	char *buffers;
-	unsigned buffer_count;
-	unsigned buffer_size;
-	uint16_t *lent;        /* buffers handed to the caller by the last wait; the next call gives them back */
-	unsigned lent_count;
-	struct iokit_counters counters;
-};
 
 static void set_timespec(struct __kernel_timespec *ts, uint64_t ns)
 {
@@ -102,8 +75,9 @@ static int submit(struct iokit_ring *r)
 /*
  * Make room for `count` SQEs, submitting what is queued if the SQ is full. -EBUSY: still no room (the kernel refused
  * the queued SQEs for now, or an SQPOLL thread has not consumed them yet); the caller tries again after a wait.
+ * (Also the engine's: it prepares its own SQEs in the same SQ.)
  */
-static int reserve_sqes(struct iokit_ring *r, unsigned count)
+int iokit_ring_reserve(struct iokit_ring *r, unsigned count)
 {
 	int ret;
 
@@ -118,7 +92,7 @@ static int reserve_sqes(struct iokit_ring *r, unsigned count)
 static int arm_wakeup(struct iokit_ring *r)
 {
 	struct io_uring_sqe *sqe;
-	int ret = reserve_sqes(r, 1);
+	int ret = iokit_ring_reserve(r, 1);
 
 	if (ret < 0)
 		return ret;
@@ -235,7 +209,7 @@ static int prepare(struct iokit_ring *r, const struct iokit_op *ops, unsigned co
 			return -EINVAL;
 	for (i = 0; i < count; i++) {
 		/* An op and its linked timeout must be adjacent in the SQ: reserve both slots at once. */
-		int ret = reserve_sqes(r, ops[i].deadline_ns ? 2 : 1);
+		int ret = iokit_ring_reserve(r, ops[i].deadline_ns ? 2 : 1);
 
 		if (ret < 0) {
 			if (i == 0 && ret != -EBUSY && ret != -EAGAIN)
@@ -284,6 +258,12 @@ static void internal_completion(struct iokit_ring *r, const struct io_uring_cqe 
 {
 	eventfd_t ignored;
 
+	if (UD_TAG(cqe->user_data) == UD_ENGINE) {
+		/* Only while an engine is attached are such SQEs made, and only the engine reaps then. */
+		if (r->engine_completion)
+			r->engine_completion(r->engine, cqe);
+		return;
+	}
 	/* Cancel results and linked timeouts need nothing: the op they concern completes through its own CQE. */
 	if (UD_TAG(cqe->user_data) != UD_WAKE)
 		return;
@@ -297,8 +277,9 @@ static void internal_completion(struct iokit_ring *r, const struct io_uring_cqe 
 	r->wake_armed = arm_wakeup(r) == 0;
 }
 
-/* Move up to `max` op completions from the CQ (and from the kernel's overflow list) into the arrays. */
-static unsigned reap(struct iokit_ring *r, uint64_t *ids, int32_t *results, uint32_t *cqe_flags, unsigned max)
+/* Move up to `max` op completions from the CQ (and from the kernel's overflow list) into the arrays; the engine's
+ * own completions go to the engine as they are met, in order. */
+unsigned iokit_ring_reap(struct iokit_ring *r, uint64_t *ids, int32_t *results, uint32_t *cqe_flags, unsigned max)
 {
 	unsigned reaped = 0;
 
@@ -336,7 +317,7 @@ static unsigned reap(struct iokit_ring *r, uint64_t *ids, int32_t *results, uint
 /* One io_uring_enter: submit what is queued, collect completions (GETEVENTS) and block only if the CQ is empty. */
 #define FOREVER_SLICE_NS (60LL * 1000 * 1000 * 1000)
 
-static int enter(struct iokit_ring *r, int64_t timeout_ns)
+int iokit_ring_enter(struct iokit_ring *r, int64_t timeout_ns)
 {
 	struct io_uring_cqe *cqe;
 	struct __kernel_timespec ts;
@@ -353,24 +334,36 @@ static int enter(struct iokit_ring *r, int64_t timeout_ns)
 	return io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
 }
 
+void iokit_ring_before_wait(struct iokit_ring *r)
+{
+	recycle_buffers(r);
+	if (!r->wake_armed)
+		r->wake_armed = arm_wakeup(r) == 0;
+	r->woken = false;
+}
+
+void iokit_ring_return_buffer(struct iokit_ring *r, unsigned buffer_id)
+{
+	io_uring_buf_ring_add(r->buf_ring, r->buffers + (size_t)buffer_id * r->buffer_size, r->buffer_size,
+			      (unsigned short)buffer_id, io_uring_buf_ring_mask(r->buffer_count), 0);
+	io_uring_buf_ring_advance(r->buf_ring, 1);
+}
+
 int iokit_ring_wait(struct iokit_ring *r, int64_t timeout_ns, uint64_t *ids, int32_t *results,
 		    uint32_t *cqe_flags, unsigned max)
 {
 	int64_t deadline = timeout_ns > 0 ? monotonic_ns() + timeout_ns : 0;
 
-	recycle_buffers(r);
-	if (!r->wake_armed)
-		r->wake_armed = arm_wakeup(r) == 0;
-	r->woken = false;
+	iokit_ring_before_wait(r);
 	for (;;) {
-		int ret = enter(r, timeout_ns);
+		int ret = iokit_ring_enter(r, timeout_ns);
 		unsigned reaped;
 
 		/* -EINTR goes back to Python, which runs its signal handlers and calls again with the time left. -EBUSY:
 		 * the kernel holds overflowed CQEs it could not flush; reaping makes room. */
 		if (ret < 0 && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
 			return ret;
-		reaped = reap(r, ids, results, cqe_flags, max);
+		reaped = iokit_ring_reap(r, ids, results, cqe_flags, max);
 		/* A CQE of our own alone (a cancel result) is no reason to return while time is left. But an enter that
 		 * submitted SQEs reports their count, not -EINTR, when a signal cuts its wait short: go back to Python then
 		 * too (it runs its handlers and calls again), or an idle server would never see its SIGTERM. */

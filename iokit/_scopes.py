@@ -18,6 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from . import _engine
 from ._errors import Cancelled
 
 if TYPE_CHECKING:
@@ -26,20 +27,13 @@ if TYPE_CHECKING:
 # One lock for the runtime's shared state (scopes, parked tasks, events, queues). Re-entrant because a cancel delivered
 # under the lock may wake tasks, which takes it again. Uncontended on the loop backends.
 LOCK = threading.RLock()
-_local = threading.local()
-_NO_MEMBERS: frozenset = frozenset()  # a scope's children and tasks until it has any  # .task: the task running on this thread right now
+_NO_MEMBERS: frozenset = frozenset()  # a scope's children and tasks until it has any
 
-
-def current_task() -> "Task":
-    """The task running now. Raises ``RuntimeError`` outside ``iokit.run``."""
-    task = getattr(_local, "task", None)
-    if task is None:
-        raise RuntimeError("this must be called from a task inside iokit.run()")
-    return task
-
-
-def set_current_task(task: "Task | None") -> None:
-    _local.task = task
+# The task running on this thread right now lives in the engine (a C thread-local), because the engine resumes
+# tasks itself. current_task() raises RuntimeError outside iokit.run().
+current_task = _engine.current_task
+set_current_task = _engine.set_current_task
+_engine.configure(Cancelled)  # what an engine trap raises when its task is cancelled
 
 
 class CancelScope:
@@ -132,6 +126,9 @@ class CancelScope:
             if not old._tasks:
                 old._tasks = _NO_MEMBERS
         task.scope = to
+        # cancel_pending is is_cancelled() of the task's innermost scope, kept up to date here and by deliver_cancel
+        # (a cancel reaches exactly the tasks whose answer turns True), so the per-op check is one field read.
+        task.cancel_pending = False
         if to is not None:
             if to._tasks is _NO_MEMBERS:
                 to._tasks = set()

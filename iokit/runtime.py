@@ -30,11 +30,10 @@ import time
 import types
 from typing import Any, Awaitable, Callable
 
-from . import _traps
+from . import _engine, _traps
 from ._errors import Cancelled, check_result
 from ._op import Op, OpState
-from ._scopes import LOCK, CancelScope, current_task
-from ._scopes import _local as _scopes_local
+from ._scopes import LOCK, CancelScope, current_task, set_current_task
 from .backends import Backend, open_backend
 from .backends._syscalls import drain_eventfd
 from .backends._timers import poll_milliseconds
@@ -43,12 +42,15 @@ _ECANCELED = -errno.ECANCELED
 _DONE = OpState.DONE
 
 
-class Task:
-    """A running coroutine. Made by ``TaskGroup.spawn``; ``await task.wait()`` for it, ``task.result()`` after."""
+class Task(_engine.TaskBase):
+    """A running coroutine. Made by ``TaskGroup.spawn``; ``await task.wait()`` for it, ``task.result()`` after.
+
+    Its C base holds what the engine reads on every resume: ``coro``, ``_abort`` (what it is parked on) and
+    ``cancel_pending`` (whether a scope covering it is cancelled)."""
 
     _names = itertools.count(1)
-    __slots__ = ("runtime", "coro", "name", "group", "scope", "own_scope", "finished", "_result", "_exception",
-                 "_abort", "_resume", "wake_fd", "_done_waiters", "__weakref__")
+    __slots__ = ("runtime", "name", "group", "scope", "own_scope", "finished", "_result", "_exception",
+                 "_resume", "wake_fd", "_done_waiters", "__weakref__")
 
     def __init__(self, runtime: "_Driver", coro, name: str | None, group: "TaskGroup | None") -> None:
         self.runtime = runtime
@@ -60,7 +62,7 @@ class Task:
         self.finished = False
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._abort: "Callable[[], bool] | Op | None" = None  # set while parked (the op, when parked on one)
+        self._abort = None  # set while parked: an abort callable, the Op, or the engine's Trap
         self._resume: tuple | None = None              # (value, exception) waiting to be delivered (thread driver)
         self.wake_fd = -1                              # thread driver: the eventfd this task's thread waits on
         self._done_waiters: list[Task] = []  # a list, not a deque: every task has one, and a deque is ~600 bytes
@@ -109,6 +111,7 @@ class _Driver:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self.engine = None  # the loop driver's native engine, where the backend has one
         self.root_scope = CancelScope()
         self.root_scope._runtime = self
         self._signal_restore: list[tuple[int, Any]] = []
@@ -132,8 +135,7 @@ class _Driver:
 
     def step(self, task: Task, value: Any, exc: BaseException | None) -> tuple | None:
         """Run ``task`` until its next trap; return the trap, or None when the task finished."""
-        local = _scopes_local
-        local.task = task  # set_current_task, inlined: twice per step, on every op's path
+        set_current_task(task)
         try:
             return task.coro.throw(exc) if exc is not None else task.coro.send(value)
         except StopIteration as stop:
@@ -141,7 +143,7 @@ class _Driver:
         except BaseException as error:  # noqa: BLE001 - a task's failure is reported to its group or to run()
             self._finish_task(task, None, error)
         finally:
-            local.task = None
+            set_current_task(None)
         return None
 
     def _finish_task(self, task: Task, result: Any, error: BaseException | None) -> None:
@@ -161,10 +163,15 @@ class _Driver:
 
     def deliver_cancel(self, task: Task) -> None:
         """A scope covering ``task`` was cancelled (called under LOCK): interrupt what it waits on."""
+        task.cancel_pending = True
         abort = task._abort
         if abort is None:
             return
-        if isinstance(abort, Op):
+        if abort.__class__ is _engine.Trap:
+            # Parked in the engine: a receive or send waiting there ends at once, an accept in the kernel is
+            # cancelled there; the engine wakes the task either way.
+            self.engine.cancel(abort)
+        elif isinstance(abort, Op):
             # Parked on an op (the loop driver stores the op, not a closure, on this hot path): ask the backend to
             # cancel it; the task wakes when the op settles.
             self.backend.cancel(abort)
@@ -218,6 +225,8 @@ class LoopDriver(_Driver):
     def __init__(self, backend: Backend) -> None:
         super().__init__(backend)
         self._ready: collections.deque[tuple[Task, Any, BaseException | None]] = collections.deque()
+        # The native engine, on the backends that have one (epoll, uring): it runs tasks and their socket traps in C.
+        self.engine = backend.attach_engine(self)
         self._deadlines: list[tuple[float, int, CancelScope]] = []
         self._compact_deadlines_at = _MIN_DEADLINES_TO_COMPACT
         self._seq = itertools.count()
@@ -247,11 +256,15 @@ class LoopDriver(_Driver):
 
     def run(self, main: Task) -> None:
         ready, backend = self._ready, self.backend
+        resume = self.engine.resume if self.engine is not None else None
         while not main.finished:
             # Only the tasks ready now: a task that re-queues itself (a checkpoint loop) waits for the next round, so
             # I/O and deadlines are looked at between rounds and nobody starves.
             for _ in range(len(ready)):
                 task, value, exc = ready.popleft()
+                if resume is not None:
+                    resume(task, value, exc)  # runs it through every trap that finishes at once; hands us the rest
+                    continue
                 trap = self.step(task, value, exc)
                 if trap is not None:
                     self._handle(task, trap)
@@ -267,7 +280,10 @@ class LoopDriver(_Driver):
             while self._callbacks:
                 self._callbacks.popleft()()
 
-    def _handle(self, task: Task, trap: tuple) -> None:
+    def _handle(self, task: Task, trap) -> None:
+        if trap.__class__ is _engine.Trap:  # a socket trap of a task stepped here, not by the engine
+            self.engine.start(task, trap)
+            return
         kind = trap[0]
         if kind == "io":
             op = trap[1]
@@ -455,6 +471,10 @@ def run(main: Callable[..., Awaitable], *args, backend: str | Backend = "auto", 
         return main_task.result()
     finally:
         driver.restore_signals()
+        # The engine first: its requests end before the backend (and its ring) may close, and dropping it breaks
+        # the cycle between it and the driver it calls back.
+        be.detach_engine()
+        driver.engine = None
         if owned:
             be.close()
 
@@ -480,21 +500,20 @@ def perform(op: Op) -> Any:
     # A generator that yields the io trap itself, rather than an ``async def`` awaiting ``_traps.io``: every op goes
     # through here, and this saves a coroutine object and a frame per op.
     task = current_task()
-    if task.scope.is_cancelled():
+    if task.cancel_pending:
         raise Cancelled()
     yield ("io", op)
     result = op.result
     if result >= 0:
         return result
-    if result == _ECANCELED and (op.cancel_requested or task.scope.is_cancelled()):
+    if result == _ECANCELED and (op.cancel_requested or task.cancel_pending):
         raise Cancelled()
     return check_result(result)
 
 
 async def checkpoint() -> None:
     """Let other tasks run; raise ``Cancelled`` if this task has been cancelled."""
-    task = current_task()
-    if task.scope.is_cancelled():
+    if current_task().cancel_pending:
         raise Cancelled()
     await _traps.yield_now()
 

@@ -4,17 +4,24 @@ Sockets are created non-blocking (every backend expects that: see ``backends/_sy
 the backend (a CLOSE op), so that the epoll backend drops its registration and io_uring closes in order with the ops
 before it. ``sendall`` loops over ``send`` and reports partial progress: when it fails or is cancelled, the
 exception carries ``bytes_sent``, as curio does, so a caller can tell what the peer may have received.
+
+On the loop backends with a native engine (epoll, uring) a stream's socket methods return the engine's awaitables
+directly: a receive, a send or an accept is then one small C object and no Python frame, and the engine resumes the
+task itself when it completes (csrc/iokit_engine.c). ``sendall`` there *queues* the bytes and returns at once unless
+the connection's queue is over its bound (backpressure): the writes of one turn leave together, in one vectored
+send, and an error of the connection surfaces at its next operation. Everywhere else each method is one Op.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from typing import Any
 
 from . import _op as ops
-from ._scopes import CancelScope
+from ._scopes import CancelScope, current_task
 from .runtime import perform
 
 DEFAULT_RECEIVE_SIZE = 65536
@@ -26,10 +33,23 @@ async def _close_fd(fd: int) -> None:
         await perform(ops.close(fd))
 
 
-async def _close_fd_of(sock: socket.socket) -> None:
+async def _close_fd_of(sock: socket.socket, engine=None) -> None:
     fd = sock.detach()
-    if fd >= 0:
+    if fd < 0:
+        return
+    if engine is None:
         await _close_fd(fd)
+        return
+    with CancelScope(shield=True):  # the engine's close is not interrupted either: it waits for the queued bytes
+        await engine.close(fd)
+
+
+def _current_engine():
+    """The native engine of the runtime this task runs on, or None (blocking, threads, outside a runtime)."""
+    try:
+        return current_task().runtime.engine
+    except RuntimeError:
+        return None
 
 
 class _AsyncClosing:
@@ -51,27 +71,46 @@ class SocketStream(_AsyncClosing):
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.socket = sock
+        self._engine = _current_engine()
 
     def fileno(self) -> int:
         return self.socket.fileno()
 
-    async def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+    # Plain methods that return an awaitable (the engine's, or a coroutine for the Op path): ``await`` them.
+
+    def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_SIZE):
         """Receive up to ``max_bytes``; ``b""`` when the peer has closed its side. No buffer is held while waiting:
-        the backend takes one only once data has arrived (``ops.receive``), so an idle connection costs no buffer."""
+        the backend takes one only once data has arrived (``ops.receive``; the engine's provided buffers or its
+        loop-wide buffer), so an idle connection costs no buffer."""
+        if self._engine is not None:
+            return self._engine.receive(self.socket.fileno(), max_bytes)
+        return self._receive_some_op(max_bytes)
+
+    async def _receive_some_op(self, max_bytes: int) -> bytes:
         op = ops.receive(self.fileno(), max_bytes)
         await perform(op)
         return op.data
 
-    async def recv_into(self, buffer: Any) -> int:
+    def recv_into(self, buffer: Any):
         """Receive into ``buffer``; return the byte count (0 at end of stream)."""
-        return await perform(ops.recv_into(self.fileno(), buffer))
+        if self._engine is not None:
+            return self._engine.recv_into(self.socket.fileno(), buffer)
+        return perform(ops.recv_into(self.fileno(), buffer))
 
     async def send(self, data: Any) -> int:
-        """Send some of ``data``; return how many bytes went out."""
+        """Send some of ``data``; return how many bytes went out (on an engine: all of them were queued)."""
+        if self._engine is not None:
+            await self._engine.send_all(self.socket.fileno(), data)
+            return memoryview(data).nbytes
         return await perform(ops.send(self.fileno(), data))
 
-    async def sendall(self, data: Any) -> None:
+    def sendall(self, data: Any):
         """Send all of ``data``. On failure or cancel, the exception raised has ``bytes_sent`` set."""
+        if self._engine is not None:
+            return self._engine.send_all(self.socket.fileno(), data)
+        return self._sendall_op(data)
+
+    async def _sendall_op(self, data: Any) -> None:
         view = ops.as_byte_view(data, writable=False)
         fd = self.socket.fileno()
         sent = 0
@@ -85,14 +124,24 @@ class SocketStream(_AsyncClosing):
             exc.bytes_sent = sent
             raise
 
+    async def wait_readable(self) -> None:
+        """Return once data (or the end of the stream) can be received, without taking any of it."""
+        if self._engine is not None:
+            await self._engine.wait_readable(self.socket.fileno())
+        else:
+            await perform(ops.poll(self.fileno(), select.POLLIN))
+
     async def shutdown_write(self) -> None:
-        """Send end-of-stream to the peer (its reads return ``b""``); the socket can still receive."""
-        await perform(ops.shutdown(self.fileno(), socket.SHUT_WR))
+        """Send end-of-stream to the peer (its reads return ``b""``), after anything queued; it can still receive."""
+        if self._engine is not None:
+            await self._engine.shutdown_write(self.socket.fileno())
+        else:
+            await perform(ops.shutdown(self.fileno(), socket.SHUT_WR))
 
     async def aclose(self) -> None:
-        """Close the socket (idempotent)."""
+        """Close the socket (idempotent), once what was queued to send has left."""
         if self.socket.fileno() >= 0:
-            await _close_fd_of(self.socket)
+            await _close_fd_of(self.socket, self._engine)
 
 
 class Listener(_AsyncClosing):
@@ -102,10 +151,14 @@ class Listener(_AsyncClosing):
         sock.setblocking(False)
         self.socket = sock
         self.address = sock.getsockname()[:2]
+        self._engine = _current_engine()
 
     async def accept(self) -> SocketStream:
         """Wait for the next connection."""
-        fd = await perform(ops.accept(self.socket.fileno()))
+        if self._engine is not None:
+            fd = await self._engine.accept(self.socket.fileno())
+        else:
+            fd = await perform(ops.accept(self.socket.fileno()))
         sock = socket.socket(fileno=fd)
         if sock.family != socket.AF_UNIX:
             # As connect_tcp does: without it, Nagle plus delayed ACKs hold small replies back by ~40 ms.
@@ -114,7 +167,7 @@ class Listener(_AsyncClosing):
 
     async def aclose(self) -> None:
         if self.socket.fileno() >= 0:
-            await _close_fd_of(self.socket)
+            await _close_fd_of(self.socket, self._engine)
 
 
 def _family_of(host: str) -> socket.AddressFamily:

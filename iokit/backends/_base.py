@@ -95,6 +95,15 @@ class Backend(abc.ABC):
         op.cancel_requested = True
         self._request_cancel(op)
 
+    def attach_engine(self, driver):
+        """Give ``driver`` (the runtime's loop driver) the native engine over this backend, for its tasks' socket
+        ops, or None where this backend has none (blocking, threads). One engine at a time; the runtime detaches it
+        when it ends."""
+        return None
+
+    def detach_engine(self) -> None:
+        """End the attached engine's requests and forget it (nothing happens without one)."""
+
     def wait(self, timeout: float | None = None) -> list[Op]:
         """Return the ops completed since the last call, waiting up to ``timeout`` seconds (None: until at least one
         completes or ``wakeup()`` is called; 0: do not wait). May return an empty list. After ``close()`` it returns
@@ -117,6 +126,7 @@ class Backend(abc.ABC):
             return
         self._closed = True
         try:
+            self.detach_engine()
             for op in list(self._in_flight.values()):
                 if not op.cancel_requested:
                     op.cancel_requested = True

@@ -28,6 +28,7 @@ import os
 import select
 import time
 
+from .. import _engine
 from .._op import FILE_KINDS, Op, OpKind
 from ._base import Backend
 from ._pool import WorkerPool
@@ -67,9 +68,26 @@ class EpollBackend(Backend):
         self._pool = WorkerPool(file_workers, self._wake_fd, self.name) if file_ops == "pool" else None
         self._timers = TimerHeap()
         self._syscalls = 0  # epoll_wait calls and non-blocking attempts
+        self._engine = None  # the native engine, while a runtime runs on this backend
+
+    def attach_engine(self, driver):
+        """The engine keeps an epoll set of its own for its sockets, with this backend's set inside it, so one
+        epoll_wait per turn sees both (this set holds the wakeup eventfd, the file pool's and the rare ops' fds)."""
+        if self._engine is not None:
+            raise RuntimeError("an engine is attached to this backend already")
+        self._engine = _engine.Loop(driver, "epoll", python_epoll_fd=self._epoll.fileno())
+        return self._engine
+
+    def detach_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.drain()
+            engine.detach()
 
     def forget(self, fd: int) -> None:
         """Drop the registration of ``fd`` (closed outside this backend) so its number can be reused safely."""
+        if self._engine is not None:
+            self._engine.forget(fd)
         waiters = self._fds.pop(fd, None)
         if waiters is None:
             return
@@ -128,7 +146,11 @@ class EpollBackend(Backend):
     def _wait_for_events(self, timeout: float | None) -> None:
         timeout = self._timers.timeout(timeout)
         self._syscalls += 1
-        events = self._epoll.poll(-1 if timeout is None else timeout)
+        if self._engine is not None:
+            # The engine waits on its set (ours inside it) and runs its own completions; ours are then ready now.
+            events = self._epoll.poll(0) if self._engine.turn(timeout) else ()
+        else:
+            events = self._epoll.poll(-1 if timeout is None else timeout)
         for fd, mask in events:
             if fd == self._wake_fd:
                 drain_eventfd(self._wake_fd)
@@ -167,4 +189,7 @@ class EpollBackend(Backend):
         os.close(self._wake_fd)
 
     def _extra_statistics(self) -> dict:
-        return {"registered_fds": len(self._fds), "file_ops": self._file_ops}
+        extra = {"registered_fds": len(self._fds), "file_ops": self._file_ops}
+        if self._engine is not None:
+            extra["engine"] = self._engine.statistics()
+        return extra

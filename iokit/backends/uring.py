@@ -41,6 +41,7 @@ import time
 import warnings
 from typing import Any, Iterable
 
+from .. import _engine
 from .._errors import BackendClosed, BackendUnavailable
 from .._op import Op, OpKind, OpState, _check_fd
 from .._uring_ffi import ffi, lib
@@ -164,6 +165,7 @@ class UringBackend(Backend):
         self._recv_buffers = lib.iokit_ring_recv_buffer(self._ring, 0)
         self._report_round = 0
         self._reported: list[MultishotOp] = []
+        self._engine = None  # the native engine, while a runtime runs on this backend
 
     # --- public interface beyond Backend ---------------------------------------------------------------------------
 
@@ -198,6 +200,32 @@ class UringBackend(Backend):
         native = self.features["multishot_recv"]
         buffer = None if native else memoryview(bytearray(RECV_BUFFER_SIZE))
         return self._start_stream(MultishotOp(OpKind.RECV, _check_fd(fd), native=native, buffer=buffer))
+
+    def attach_engine(self, driver):
+        """The engine shares this ring: its SQEs carry a tag of their own and their CQEs are dispatched in C during
+        the reap; every other CQE still lands in this backend's arrays. It needs the provided buffer ring and
+        multishot recv; without them the runtime's ops go through this backend as Ops."""
+        if self._engine is not None:
+            raise RuntimeError("an engine is attached to this backend already")
+        if not (self.features["buffer_ring"] and self.features["multishot_recv"]):
+            return None
+        address = lambda cdata: int(ffi.cast("uintptr_t", cdata))  # noqa: E731
+        self._engine = _engine.Loop(driver, "uring", ring=address(self._ring), ids=address(self._out_ids),
+                                    results=address(self._out_results), cqe_flags=address(self._out_flags),
+                                    capacity=self._capacity)
+        return self._engine
+
+    def detach_engine(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        # Its multishot recvs and accepts hold buffers of this ring: cancel them and reap until the last CQE.
+        while engine.drain():
+            count = engine.turn(0.01)
+            if count:
+                self._process_completions(count)
+        engine.detach()
+        self._engine = None
 
     def register_fd(self, fd: int) -> bool:
         """Put ``fd`` in the ring's fixed-file table: ops on it then skip the kernel's fd lookup and reference count.
@@ -257,6 +285,12 @@ class UringBackend(Backend):
             self._offer_backlog()
         if self._deadline_timers is not None:
             timeout = self._expire_deadlines(timeout)
+        if self._engine is not None:
+            # One turn of the engine: flush, one io_uring_enter, the reap (its own CQEs dispatched in C, ours here).
+            count = self._engine.turn(timeout)
+            if count:
+                self._process_completions(count)
+            return
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             timeout_ns = -1 if end is None else max(0, int((end - time.monotonic()) * 1e9))
@@ -290,6 +324,7 @@ class UringBackend(Backend):
             "fixed_files": len(self._fixed_slots),
             "fixed_file_ops": self._fixed_file_ops,
             "multishot_rearms": self._rearms,
+            **({"engine": self._engine.statistics()} if self._engine is not None else {}),
         }
 
     def __del__(self) -> None:
@@ -319,6 +354,8 @@ class UringBackend(Backend):
                 return False
         elif op.kind is OpKind.CLOSE:
             self.unregister_fd(op.fd)  # else the fixed-file table would keep the file open
+            if self._engine is not None:
+                self._engine.forget(op.fd)
         if op.deadline is not None and self._deadline_timers is not None:
             self._deadline_timers.add(op.deadline, op, is_deadline=True)
         return True
