@@ -145,6 +145,7 @@ typedef struct Trap {
 	PyObject *result;        /* TRAP_DONE: the value the await returns... */
 	PyObject *error;         /* ...or the exception it raises */
 	TaskBase *task;          /* while parked: the task to resume */
+	struct Trap *next;       /* in a Conn's queue of acceptors */
 } Trap;
 
 static PyTypeObject TrapType;
@@ -164,6 +165,7 @@ static Trap *trap_new(int kind, int fd)
 	t->result = NULL;
 	t->error = NULL;
 	t->task = NULL;
+	t->next = NULL;
 	return t;
 }
 
@@ -347,7 +349,8 @@ typedef struct Conn {
 	unsigned writer_cancelled : 1; /* uring: the parked writer was cancelled while a send was in flight */
 	unsigned send_cancel_sent : 1;
 	int error;                   /* a sticky errno: the connection failed; every later op raises it */
-	Trap *reader, *writer, *acceptor, *closer; /* parked traps (strong) */
+	Trap *reader, *writer, *closer; /* parked traps (strong) */
+	Trap *acceptor, *acceptor_tail; /* acceptors, oldest first (several tasks may accept on one listener) */
 	/* Received and not yet asked for (uring's multishot delivers whether or not a reader waits). */
 	char *rq;
 	Py_ssize_t rq_start, rq_len, rq_cap;
@@ -565,6 +568,50 @@ static void park(Trap **slot, Trap *t, TaskBase *task)
 	t->task = task;
 	Py_INCREF(t);
 	Py_XSETREF(task->abort, (PyObject *)t);
+}
+
+static void acceptor_push(Conn *c, Trap *t, TaskBase *task)
+{
+	Trap *slot;
+
+	park(&slot, t, task);
+	t->next = NULL;
+	if (c->acceptor_tail)
+		c->acceptor_tail->next = t;
+	else
+		c->acceptor = t;
+	c->acceptor_tail = t;
+}
+
+/* The oldest acceptor, out of the queue (the queue's reference goes to the caller). */
+static Trap *acceptor_pop(Conn *c)
+{
+	Trap *t = c->acceptor;
+
+	if (t) {
+		c->acceptor = t->next;
+		if (!c->acceptor)
+			c->acceptor_tail = NULL;
+		t->next = NULL;
+	}
+	return t;
+}
+
+static int acceptor_remove(Conn *c, Trap *t)
+{
+	Trap **link = &c->acceptor, *previous = NULL;
+
+	while (*link && *link != t) {
+		previous = *link;
+		link = &(*link)->next;
+	}
+	if (!*link)
+		return 0;
+	*link = t->next;
+	if (c->acceptor_tail == t)
+		c->acceptor_tail = previous;
+	t->next = NULL;
+	return 1;
 }
 
 static void note_error(Loop *L)
@@ -1208,25 +1255,20 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 		park(&c->writer, t, task);
 		return 0;
 	case T_ACCEPT:
-		if (c->acceptor) {
-			trap_done(t, NULL, PyObject_CallFunction(PyExc_RuntimeError, "s",
-				  "another task is already accepting on this socket"));
-			return 1;
-		}
 		if (L->mode == MODE_EPOLL) {
 			int err;
 
-			if (epoll_try_accept(t))
+			if (!c->acceptor && epoll_try_accept(t))
 				return 1;
 			if ((err = epoll_register(L, c)) < 0) {
 				trap_fail_errno(t, -err);
 				return 1;
 			}
-		} else {
-			c->want_accept = 1;
+		} else if (!c->accept_in_flight) {
+			c->want_accept = 1; /* else the request in flight (an earlier acceptor's) serves this one */
 			mark_dirty(L, c);
 		}
-		park(&c->acceptor, t, task);
+		acceptor_push(c, t, task);
 		return 0;
 	case T_SHUTDOWN:
 		c->shut_write = 1;
@@ -1242,15 +1284,15 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 			trap_done(t, NULL, NULL);
 		return 1;
 	case T_CLOSE: {
-		Trap *reader = c->reader, *acceptor = c->acceptor;
+		Trap *reader = c->reader, *acceptor;
 
 		c->closing = 1;
-		c->reader = c->acceptor = NULL;
+		c->reader = NULL;
 		if (reader) {
 			trap_fail_errno(reader, EBADF);
 			schedule(L, reader);
 		}
-		if (acceptor) {
+		while ((acceptor = acceptor_pop(c))) {
 			trap_fail_errno(acceptor, EBADF);
 			schedule(L, acceptor);
 		}
@@ -1478,24 +1520,31 @@ static void uring_completion(void *engine, const struct io_uring_cqe *cqe)
 			after_send_progress(L, c);
 		break;
 	case SQE_ACCEPT: {
+		/* The acceptor now, if any: a cancelled one left at once (loop_cancel), and a later one may wait on this
+		 * same request. */
 		Trap *acceptor = c->acceptor;
 
 		c->accept_in_flight = 0;
-		c->acceptor = NULL;
-		if (!acceptor || acceptor->cancel_requested) {
+		if (!acceptor) {
 			if (res >= 0)
-				close(res); /* the accept was given up: nobody will take this connection */
-			if (acceptor) {
-				trap_fail_cancelled(acceptor);
-				schedule(L, acceptor);
-			}
-		} else {
-			if (res >= 0)
-				trap_done(acceptor, PyLong_FromLong(res), NULL);
-			else
-				trap_fail_errno(acceptor, -res);
-			complete_and_wake(L, acceptor);
+				close(res); /* the accept was given up and nobody asks again: nobody will take it */
+			break;
 		}
+		if (res == -ECANCELED && c->accept_cancel_sent && !c->closing) {
+			c->want_accept = 1; /* our cancel, meant for an acceptor that left: ask again for this one */
+			mark_dirty(L, c);
+			break;
+		}
+		acceptor_pop(c);
+		if (res >= 0)
+			trap_done(acceptor, PyLong_FromLong(res), NULL);
+		else
+			trap_fail_errno(acceptor, -res);
+		if (c->acceptor && !c->closing) {
+			c->want_accept = 1; /* more tasks wait to accept */
+			mark_dirty(L, c);
+		}
+		complete_and_wake(L, acceptor);
 		break;
 	}
 	}
@@ -1515,8 +1564,8 @@ static void epoll_event(Loop *L, uint64_t data, uint32_t events)
 	}
 	L->completions++;
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-		if ((t = c->acceptor) && epoll_try_accept(t)) {
-			c->acceptor = NULL;
+		while (!c->dead && (t = c->acceptor) && epoll_try_accept(t)) {
+			acceptor_pop(c);
 			complete_and_wake(L, t);
 		}
 		if (!c->dead && (t = c->reader) && epoll_try_recv(L, c, t)) {
@@ -1627,7 +1676,11 @@ static void loop_forget_all(Loop *L)
 			continue;
 		Py_CLEAR(c->reader);
 		Py_CLEAR(c->writer);
-		Py_CLEAR(c->acceptor);
+		while (c->acceptor) {
+			Trap *t = acceptor_pop(c);
+
+			Py_DECREF(t);
+		}
 		Py_CLEAR(c->closer);
 		conn_retire(L, c);
 	}
@@ -1834,16 +1887,19 @@ static PyObject *loop_cancel(Loop *L, PyObject *arg)
 			cut_writer(c, t);
 			schedule(L, t);
 		}
-	} else if (c->reader == t || (c->acceptor == t && L->mode == MODE_EPOLL)) {
-		if (c->reader == t)
+	} else if (c->reader == t || acceptor_remove(c, t)) {
+		if (c->reader == t) {
 			c->reader = NULL;
-		else
-			c->acceptor = NULL;
+		} else if (!c->acceptor) {
+			/* uring: the accept stays in the kernel and is cancelled there; a connection it makes before that
+			 * goes to the next acceptor, or is closed if there is none (SQE_ACCEPT). */
+			if (c->accept_in_flight && !c->accept_cancel_sent) {
+				c->want_cancel = 1;
+				mark_dirty(L, c);
+			}
+		}
 		trap_fail_cancelled(t);
 		schedule(L, t);
-	} else if (c->acceptor == t && c->accept_in_flight) {
-		c->want_cancel = 1;
-		mark_dirty(L, c);
 	}
 	if (c->writer_cancelled) {
 		c->want_cancel = 1;
@@ -1864,7 +1920,7 @@ static PyObject *loop_forget(Loop *L, PyObject *arg)
 		return NULL;
 	c = conn_get(L, fd);
 	if (c && !c->reader && !c->writer && !c->acceptor && !c->closer && !c->recv_armed && !c->send_in_flight &&
-	    !c->accept_in_flight) {
+	    !c->accept_in_flight && !c->unsent) {
 		if (c->registered)
 			epoll_ctl(L->epfd, EPOLL_CTL_DEL, fd, NULL);
 		conn_retire(L, c);

@@ -42,6 +42,9 @@ async def _close_fd_of(sock: socket.socket, engine=None) -> None:
         return
     with CancelScope(shield=True):  # the engine's close is not interrupted either: it waits for the queued bytes
         await engine.close(fd)
+    # Ops of the Backend API may have left a registration for this fd (epoll: a connect that waited): drop it before
+    # the number is reused. Nothing ran between the close and here, so the number is still ours.
+    current_task().runtime.backend.forget(fd)
 
 
 def _current_engine():

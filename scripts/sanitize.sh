@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the io_uring tests with our C under AddressSanitizer and UndefinedBehaviorSanitizer.
 #
-# Why: csrc/iokit_uring.c hands the kernel raw pointers into Python buffers and indexes rings by hand; an off-by-one
+# Why: csrc/iokit_uring.c and csrc/iokit_engine.c hand the kernel raw pointers into Python buffers and indexes rings by hand; an off-by-one
 # there corrupts memory silently. This rebuilds the extension in place with -fsanitize=address,undefined, runs the
 # uring tests (and the uring part of the conformance tests, when they exist), then always rebuilds it normally.
 #
@@ -26,10 +26,12 @@ echo "sanitize: building with $SANITIZERS"
 IOKIT_CFLAGS="$SANITIZERS -fno-omit-frame-pointer -fno-sanitize-recover=undefined -g" \
     IOKIT_LDFLAGS="$SANITIZERS" rebuild
 
-if ! ldd iokit/_uring_ffi*.so | grep libasan >/dev/null; then  # no -q: with pipefail, an early exit would fail ldd
-    echo "sanitize: the rebuilt extension does not link libasan: were IOKIT_CFLAGS/IOKIT_LDFLAGS ignored?" >&2
-    exit 1
-fi
+for extension in iokit/_uring_ffi*.so iokit/_engine*.so; do
+    if ! ldd "$extension" | grep libasan >/dev/null; then  # no -q: with pipefail, an early exit would fail ldd
+        echo "sanitize: $extension does not link libasan: were IOKIT_CFLAGS/IOKIT_LDFLAGS ignored?" >&2
+        exit 1
+    fi
+done
 
 LIBASAN=$(gcc -print-file-name=libasan.so)
 if [ ! -e "$LIBASAN" ]; then
@@ -46,7 +48,6 @@ run_tests() {
 }
 
 run_tests tests/test_uring.py
-if [ -f tests/test_conformance.py ]; then
-    run_tests tests/test_conformance.py -k uring
-fi
+# The conformance and runtime suites on the two backends the native engine drives.
+run_tests tests/test_conformance.py tests/test_runtime.py -k "uring or epoll"
 echo "sanitize: clean"

@@ -104,6 +104,10 @@ class Backend(abc.ABC):
     def detach_engine(self) -> None:
         """End the attached engine's requests and forget it (nothing happens without one)."""
 
+    def forget(self, fd: int) -> None:
+        """Drop whatever this backend keeps about ``fd``, which was closed outside it (by the engine, or by the
+        caller), so that a new file given the same number starts clean. Only epoll keeps anything per fd."""
+
     def wait(self, timeout: float | None = None) -> list[Op]:
         """Return the ops completed since the last call, waiting up to ``timeout`` seconds (None: until at least one
         completes or ``wakeup()`` is called; 0: do not wait). May return an empty list. After ``close()`` it returns

@@ -1,0 +1,193 @@
+"""The native engine (csrc/iokit_engine.c) on the two backends that have it, epoll and uring: what it promises beyond
+the conformance suite (which runs the same programs on all four backends).
+
+Real sockets on 127.0.0.1, the real kernel ring. Each test says which promise it checks: socket ops make no Python
+Op, the writes of one turn leave as one send, a mutable buffer may be reused as soon as sendall returns, received bytes
+nobody asks for are bounded on uring, no reference or connection entry is left behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+
+import pytest
+
+import iokit
+from iokit import TaskGroup, _engine, move_on_after
+
+from iokit.backends.uring import RECV_BUFFER_COUNT, RECV_BUFFER_SIZE
+
+from conftest import require_backend
+from test_conformance import receive_exactly, tcp_pair
+
+ENGINE_BACKENDS = ["epoll", "uring"]
+
+
+@pytest.fixture(params=ENGINE_BACKENDS)
+def engine_backend(request):
+    require_backend(request.param)
+    backend = iokit.open_backend(request.param)
+    yield backend
+    backend.close()
+
+
+def engine_statistics(backend) -> dict:
+    return backend.statistics().extra["engine"]
+
+
+def test_the_loop_backends_run_tasks_on_the_engine_and_the_others_do_not():
+    seen = {}
+
+    async def main():
+        seen[iokit.current_backend().name] = iokit.current_task().runtime.engine is not None
+
+    for name in ("blocking", "threads", *ENGINE_BACKENDS):
+        require_backend(name)
+        iokit.run(main, backend=name)
+    assert seen == {"blocking": False, "threads": False, "epoll": True, "uring": True}
+
+
+def test_socket_ops_make_no_python_op(engine_backend):
+    """1,000 round trips on a connection: the backend's Op table sees only the connect (and nothing per message)."""
+    rounds = 1000
+
+    async def main():
+        client, server = await tcp_pair()
+        async with client, server:
+            for index in range(rounds):
+                await client.sendall(b"%064d" % index)
+                assert await receive_exactly(server, 64) == b"%064d" % index
+        backend = iokit.current_backend()
+        return backend.statistics().submitted, engine_statistics(backend)
+
+    submitted, engine = iokit.run(main, backend=engine_backend)
+    assert submitted <= 2, f"{submitted} Ops for {rounds} round trips: the socket path is not on the engine"
+    assert engine["traps"] >= 2 * rounds
+    assert engine["connections"] == 0 and engine["in_flight"] == 0
+
+
+def test_the_writes_of_one_turn_leave_as_one_send(engine_backend):
+    """A head and a body written back to back (no await that waits in between) reach the kernel in one send."""
+    parts = [b"HTTP/1.1 200 OK\r\n", b"Content-Length: 5\r\n\r\n", b"hello"]
+
+    async def main():
+        client, server = await tcp_pair()
+        async with client, server:
+            before = engine_statistics(iokit.current_backend())["sends"]
+            for part in parts:
+                await server.sendall(part)
+            received = await receive_exactly(client, sum(map(len, parts)))
+            after = engine_statistics(iokit.current_backend())["sends"]
+        return received, after - before
+
+    received, sends = iokit.run(main, backend=engine_backend)
+    assert received == b"".join(parts)
+    assert sends == 1
+
+
+def test_a_buffer_can_be_reused_as_soon_as_sendall_returns(engine_backend):
+    """sendall of a bytearray returns before the bytes leave (they are queued); the engine must have copied them."""
+    async def main():
+        client, server = await tcp_pair()
+        async with client, server:
+            buffer = bytearray(b"a" * 1000)
+            await client.sendall(buffer)
+            buffer[:] = b"b" * 1000  # overwrite at once: the queued send must not see this
+            await client.sendall(memoryview(buffer)[:10])
+            return await receive_exactly(server, 1010)
+
+    assert iokit.run(main, backend=engine_backend) == b"a" * 1000 + b"b" * 10
+
+
+def test_unread_bytes_are_bounded_on_uring():
+    """uring's multishot recv takes bytes whether or not a reader waits; past RECV_HIGH_WATER it stops, and the rest
+    stays in the kernel (the peer's send waits): an unread connection cannot make the server hold unbounded memory."""
+    require_backend("uring")
+    total = 8 << 20
+
+    async def main():
+        client, server = await tcp_pair()
+        async with client, server:
+            await client.sendall(b"x")
+            await server.receive_some(1)  # arms the multishot recv; nobody reads for the next second
+            with move_on_after(1.0):
+                await client.sendall(b"x" * total)
+            first = len(await server.receive_some(total))  # all the engine held, in one piece
+            await client.shutdown_write()
+            rest = 0
+            while chunk := await server.receive_some(1 << 20):
+                rest += len(chunk)
+            return first, first + rest
+
+    first, everything = iokit.run(main, backend="uring")
+    # The bound, plus what the kernel had put in provided buffers before the multishot's cancel reached it (at most
+    # the whole buffer ring).
+    ring_bytes = RECV_BUFFER_COUNT * RECV_BUFFER_SIZE
+    assert first <= _engine.RECV_HIGH_WATER + ring_bytes, first
+    assert first < total // 2
+    assert 0 < everything <= total
+
+
+def test_no_reference_is_left_behind(engine_backend):
+    """Traps, tasks and connection entries: the counts of live objects come back after 200 connections."""
+    async def one_connection():
+        client, server = await tcp_pair()
+        async with client, server:
+            await client.sendall(b"ping")
+            await receive_exactly(server, 4)
+            await server.sendall(bytearray(b"pong"))
+            await receive_exactly(client, 4)
+
+    async def main(count):
+        for _ in range(count):
+            await one_connection()
+
+    def live(kind) -> int:
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if type(obj).__name__ == kind)
+
+    iokit.run(main, 20, backend=engine_backend)  # warm: caches and first-use allocations
+    tasks_before = live("Task")
+    iokit.run(main, 200, backend=engine_backend)
+    assert live("Task") <= tasks_before + 1
+    assert engine_backend.statistics().in_flight == 0
+
+
+def test_a_cancelled_receive_loses_no_byte_on_uring_or_epoll(engine_backend):
+    """A receive cancelled while the multishot recv is armed: bytes that arrive afterwards go to the next reader."""
+    async def main():
+        client, server = await tcp_pair()
+        async with client, server:
+            with move_on_after(0.05):
+                await server.receive_some()
+            await client.sendall(b"after the cancel")
+            return await receive_exactly(server, 16)
+
+    assert iokit.run(main, backend=engine_backend) == b"after the cancel"
+
+
+def test_a_cancelled_accept_closes_what_it_accepted(engine_backend):
+    """Many accepts cancelled while connections arrive: every connection the kernel made is either handed to a task or
+    closed by the engine (the process ends with no extra fd)."""
+    async def main():
+        async with await iokit.open_tcp_listener("127.0.0.1", 0) as listener:
+            port = listener.address[1]
+            accepted = []
+            async with TaskGroup() as group:
+                async def accept_briefly():
+                    with move_on_after(0.001):
+                        accepted.append(await listener.accept())
+
+                for _ in range(50):
+                    group.spawn(accept_briefly)
+                    peer = socket.create_connection(("127.0.0.1", port))
+                    peer.close()
+            for stream in accepted:
+                await stream.aclose()
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    iokit.run(main, backend=engine_backend)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
