@@ -348,6 +348,7 @@ typedef struct Conn {
 	unsigned want_cancel : 1;    /* uring: cancel what is in flight at the next flush */
 	unsigned writer_cancelled : 1; /* uring: the parked writer was cancelled while a send was in flight */
 	unsigned send_cancel_sent : 1;
+	unsigned send_broken : 1;    /* a send_all was cancelled part way: the stream is cut, a close drops the queue */
 	int error;                   /* a sticky errno: the connection failed; every later op raises it */
 	Trap *reader, *writer, *closer; /* parked traps (strong) */
 	Trap *acceptor, *acceptor_tail; /* acceptors, oldest first (several tasks may accept on one listener) */
@@ -848,6 +849,7 @@ static void cut_writer(Conn *c, Trap *t)
 	else
 		sent = c->writer_len; /* others' bytes follow it: it all goes out, in order */
 	c->writer_cancelled = 0;
+	c->send_broken = 1;
 	trap_fail_cancelled(t);
 	set_bytes_sent(t->error, sent);
 }
@@ -959,7 +961,16 @@ static int epoll_register(Loop *L, Conn *c)
  * kernel (then the cancels that end them are asked for). */
 static int ready_to_close(Loop *L, Conn *c)
 {
-	if (c->unsent && !c->error)
+	if (c->send_broken || c->error) {
+		/* The peer will not get a whole stream anyway (a send was cut short, or the connection failed): what is
+		 * still queued is dropped rather than waited for (a peer that never reads would hold the close forever),
+		 * and a send waiting in the kernel is taken back. */
+		if (!c->send_in_flight)
+			segments_drop(c);
+		else if (!c->send_cancel_sent)
+			c->writer_cancelled = 1;
+	}
+	if (c->unsent && !c->error && !c->send_broken)
 		return 0;
 	if (L->mode == MODE_URING && (c->send_in_flight || c->recv_armed || c->accept_in_flight)) {
 		if ((c->recv_armed && !c->recv_cancel_sent) || (c->accept_in_flight && !c->accept_cancel_sent)) {
@@ -1026,7 +1037,7 @@ static void uring_flush(Loop *L, Conn *c)
 		}
 		/* A send waits in the kernel for room (the peer does not read): a cancelled writer, or the end of the
 		 * runtime, takes it back. Its CQE says how much went out (-ECANCELED: none of this send). */
-		if (c->send_in_flight && !c->send_cancel_sent && (c->writer_cancelled || L->draining)) {
+		if (c->send_in_flight && !c->send_cancel_sent && (c->writer_cancelled || L->draining || c->send_broken)) {
 			if (!(sqe = engine_sqe(L)))
 				return;
 			io_uring_prep_cancel64(sqe, ENGINE_UD(c->fd, SQE_SEND, c->gen), 0);
@@ -1498,7 +1509,7 @@ static void uring_completion(void *engine, const struct io_uring_cqe *cqe)
 		c->send_segments = 0;
 		if (res == -ECANCELED && c->send_cancel_sent)
 			res = 0; /* taken back by us: nothing of it went out, and the connection is fine */
-		if (L->draining) {
+		if (L->draining || (c->closing && c->send_broken)) {
 			segments_drop(c);
 			break;
 		}
@@ -1879,7 +1890,20 @@ static PyObject *loop_cancel(Loop *L, PyObject *arg)
 	c = conn_get(L, t->fd);
 	if (!c)
 		Py_RETURN_NONE;
-	if (c->writer == t) {
+	if (c->closer == t) {
+		/* A close given a deadline (or cancelled) stops waiting for the queued bytes: they are dropped, and the fd
+		 * closes as soon as no request of ours holds it. The closer wakes then, not before. */
+		c->send_broken = 1;
+		t->cancel_requested = 0;
+		if (ready_to_close(L, c)) {
+			c->closer = NULL;
+			close_now(L, c, t);
+			schedule(L, t);
+		} else if (L->mode == MODE_URING) {
+			c->want_cancel = 1;
+			mark_dirty(L, c);
+		}
+	} else if (c->writer == t) {
 		if (L->mode == MODE_URING && c->send_in_flight) {
 			c->writer_cancelled = 1; /* the send in flight decides how much went out: see SQE_SEND */
 		} else {

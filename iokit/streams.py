@@ -22,9 +22,12 @@ from typing import Any
 
 from . import _op as ops
 from ._scopes import CancelScope, current_task
-from .runtime import perform
+from .runtime import current_time, perform
 
 DEFAULT_RECEIVE_SIZE = 65536
+# On an engine, sendall returns once the bytes are queued, so a close may find some still waiting to leave: it gives
+# them this long, then drops them (a peer that has not taken them by then is not reading).
+CLOSE_FLUSH_SECONDS = 10.0
 
 
 async def _close_fd(fd: int) -> None:
@@ -33,15 +36,16 @@ async def _close_fd(fd: int) -> None:
         await perform(ops.close(fd))
 
 
-async def _close_fd_of(sock: socket.socket, engine=None) -> None:
+async def _close_fd_of(sock: socket.socket, engine=None, flush_seconds: float = CLOSE_FLUSH_SECONDS) -> None:
     fd = sock.detach()
     if fd < 0:
         return
     if engine is None:
         await _close_fd(fd)
         return
-    with CancelScope(shield=True):  # the engine's close is not interrupted either: it waits for the queued bytes
-        await engine.close(fd)
+    with CancelScope(shield=True):  # shielded from the caller's cancels, as on the Op path
+        with CancelScope(deadline=current_time() + flush_seconds):
+            await engine.close(fd)  # at the deadline the queued bytes are dropped; it returns once the fd is closed
     # Ops of the Backend API may have left a registration for this fd (epoll: a connect that waited): drop it before
     # the number is reused. Nothing ran between the close and here, so the number is still ours.
     current_task().runtime.backend.forget(fd)
@@ -141,10 +145,11 @@ class SocketStream(_AsyncClosing):
         else:
             await perform(ops.shutdown(self.fileno(), socket.SHUT_WR))
 
-    async def aclose(self) -> None:
-        """Close the socket (idempotent), once what was queued to send has left."""
+    async def aclose(self, flush_seconds: float = CLOSE_FLUSH_SECONDS) -> None:
+        """Close the socket (idempotent). On an engine, bytes still queued get ``flush_seconds`` to leave, then are
+        dropped (at once if a send on this connection was cancelled or failed: the stream is cut anyway)."""
         if self.socket.fileno() >= 0:
-            await _close_fd_of(self.socket, self._engine)
+            await _close_fd_of(self.socket, self._engine, flush_seconds)
 
 
 class Listener(_AsyncClosing):

@@ -191,3 +191,30 @@ def test_a_cancelled_accept_closes_what_it_accepted(engine_backend):
     iokit.run(main, backend=engine_backend)
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_close_does_not_wait_for_a_peer_that_never_reads(engine_backend):
+    """sendall queues; a close must not wait forever for bytes a peer never takes. After a cancelled send the queue
+    is dropped at once (the stream is cut anyway); otherwise it gets ``flush_seconds``."""
+    async def main():
+        client, server = await tcp_pair()
+        with move_on_after(0.3):
+            await server.sendall(b"x" * (32 << 20))  # parks past the bound, cancelled there
+        started = iokit.current_time()
+        await server.aclose()
+        after_cancel = iokit.current_time() - started
+
+        client2, server2 = await tcp_pair()
+        client2.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server2.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await server2.sendall(b"y" * _engine.SEND_HIGH_WATER)  # at the bound: queued, no wait; the kernel takes little
+        started = iokit.current_time()
+        await server2.aclose(flush_seconds=0.5)
+        after_deadline = iokit.current_time() - started
+        await client.aclose()
+        await client2.aclose()
+        return after_cancel, after_deadline
+
+    after_cancel, after_deadline = iokit.run(main, backend=engine_backend)
+    assert after_cancel < 0.2, after_cancel
+    assert 0.4 < after_deadline < 2.0, after_deadline

@@ -314,7 +314,7 @@ def test_published_ids_increase_without_gaps_and_streams_stay_ordered(bodies, ri
             continue
         event, _delivered = broker.publish("t", data)
         published.append(event.seq)
-        seen += [int(received.id) for received in parser.feed(subscriber.take())
+        seen += [int(received.id.rpartition("-")[2]) for received in parser.feed(subscriber.take())
                  if received.event == "message"]
     assert published == list(range(1, len(published) + 1))
     assert seen == sorted(set(seen)) and set(seen) <= set(published)
@@ -333,12 +333,17 @@ def test_the_client_parser_never_raises(stream, reads):
         stream.endswith(b"\r")  # a CR at the end waits for a possible LF: the split may see the block later
 
 
+EPOCH = "5e1f00d"  # any server life's epoch: ids are "<epoch>-<seq>"
+
+
 @FUZZ
-@given(value=st.none() | header_text | st.text("0123456789\xb2\xb3\xb9 ", max_size=30))
+@given(value=st.none() | header_text | st.text("0123456789\xb2\xb3\xb9 ", max_size=30)
+       | st.text("0123456789\xb2\xb3\xb9", max_size=30).map(lambda seq: f"{EPOCH}-{seq}"))
 def test_last_event_id_is_none_an_id_or_minus_one(value):
-    parsed = parse_last_event_id(value)
-    assert parsed is None or parsed == -1 or (parsed >= 0 and value.strip().isascii()
-                                              and str(parsed) == value.strip().lstrip("0").rjust(1, "0"))
+    parsed = parse_last_event_id(value, EPOCH)
+    seq = value.strip().rpartition("-")[2] if value is not None else ""
+    assert parsed is None or parsed == -1 or (parsed >= 0 and seq.isascii()
+                                              and str(parsed) == seq.lstrip("0").rjust(1, "0"))
 
 
 # --- regression tests for the bugs found ------------------------------------------------------------------------------
@@ -352,7 +357,8 @@ def test_concat_with_a_bracket_is_a_400():
 @pytest.mark.parametrize("value", ["\xb2", "1\xb9", "9" * 5000],
                          ids=["superscript-two", "superscript-one", "5000-digits"])
 def test_last_event_id_that_is_not_ours_is_minus_one(value):
-    assert parse_last_event_id(value) == -1
+    assert parse_last_event_id(value, EPOCH) == -1
+    assert parse_last_event_id(f"{EPOCH}-{value}", EPOCH) == -1
 
 
 def test_a_retry_with_a_non_ascii_digit_is_ignored():
