@@ -57,9 +57,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     tuning.add_argument("--idle-clients", type=int, help="waiting clients for the memory row")
     tuning.add_argument("--upload-mib", type=int, help="size of one upload")
     tuning.add_argument("--upload-chunks-kib", help="comma-separated upload chunk sizes in KiB (default 64,1024)")
-    tuning.add_argument("--update-clients", type=int, help="clients waiting for updates")
-    tuning.add_argument("--update-rate", type=float, help="updates per second")
-    tuning.add_argument("--updates-seconds", type=float, help="length of the updates schedule")
+    tuning.add_argument("--update-clients", help="comma-separated counts of clients waiting for updates, swept "
+                                                 "(default 32,1000,10000; quick 32,1000); blocking and threads skip "
+                                                 "those over the descriptor limit, with the reason")
+    tuning.add_argument("--update-rate", type=float, help="updates per second, all clients together (default 8)")
+    tuning.add_argument("--updates-seconds", type=float, help="length of the updates window (default 10; quick 4)")
     tuning.add_argument("--data-dir", type=Path, help="where the test files go (default: the cache directory)")
     return parser.parse_args(argv)
 
@@ -90,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                              runs=args.runs, connections=_numbers(args.connections),
                              message_sizes=_numbers(args.message_sizes), file_size_mib=args.file_size_mib,
                              idle_clients=args.idle_clients, upload_mib=args.upload_mib,
-                             upload_chunks_kib=_numbers(args.upload_chunks_kib), update_clients=args.update_clients,
-                             update_rate=args.update_rate, updates_seconds=args.updates_seconds)
+                             upload_chunks_kib=_numbers(args.upload_chunks_kib),
+                             update_clients=_numbers(args.update_clients), update_rate=args.update_rate,
+                             updates_seconds=args.updates_seconds)
     cores = plan_cores()
     machine = describe_machine(cores, ["python -m iokit.bench", *argv])
     os.sched_setaffinity(0, cores.load)   # the harness sleeps while measuring; keep it off the measured core

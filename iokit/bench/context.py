@@ -32,8 +32,9 @@ class Settings:
     idle_clients: int                   # waiting clients for the memory-per-client workload
     upload_mib: int                     # size of one upload in the upload workload
     upload_chunks_kib: tuple[int, ...]  # chunk sizes swept in the upload workload
-    update_clients: int                 # clients waiting for updates (short/long polling, push)
-    update_rate: float                  # updates produced per second, all clients together
+    update_clients: tuple[int, ...]     # client counts swept in the updates workload (short/long polling, push)
+    update_rate: float                  # updates produced per second, all clients together (rarer than one per
+                                        # client per 1 s poll interval)
     updates_seconds: float              # length of the updates schedule
     data_dir: Path                      # where the test files live (must allow O_DIRECT for those rows)
 
@@ -43,9 +44,9 @@ class Settings:
 
 PROFILES = {
     "full": dict(warmup_s=1.0, run_s=1.0, runs=5, file_size_mib=1024, idle_clients=10000, upload_mib=64,
-                 update_clients=256, update_rate=256, updates_seconds=10),
+                 update_clients=(32, 1000, 10000), update_rate=8, updates_seconds=10),
     "quick": dict(warmup_s=0.2, run_s=0.3, runs=3, file_size_mib=256, idle_clients=1000, upload_mib=8,
-                  update_clients=32, update_rate=32, updates_seconds=2),
+                  update_clients=(32, 1000), update_rate=8, updates_seconds=4),
 }
 
 

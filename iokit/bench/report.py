@@ -24,7 +24,8 @@ TITLES = {
     "waiting-clients": "waiting clients: memory per idle connection, and a ping-pong client's latency beside them",
     "held-long-polls": ("held long polls (examples/jobs_server.py): memory per held request, and a short-polling "
                         "client's latency beside them"),
-    "updates": "N clients told of updates at a fixed rate: ops = updates delivered; latency = event to client",
+    "updates": ("N clients waiting for rare updates (a fixed rate for all): ops = updates delivered; latency = update "
+                "to client; CPU us/op = server CPU per delivered update; req/s, bytes/s = the watching clients'"),
     "upload": "tus upload over one connection; ops = chunks acknowledged (sync: after fdatasync; async: from memory)",
 }
 BACKEND_ORDER = ("blocking", "threads", "epoll", "uring")
@@ -111,8 +112,11 @@ def _extra_columns(workload: str) -> list[tuple[str, callable]]:
     if workload == "upload":
         return [("MiB/s", lambda r: format_number(r.extra.get("mib_per_s")))]
     if workload == "updates":
-        return [("req/event", lambda r: format_number(r.extra.get("requests_per_event"))),
-                ("bytes/event", lambda r: format_number(r.extra.get("bytes_per_event")))]
+        return [("req/s", lambda r: format_number(r.extra.get("requests_per_s"))),
+                ("bytes/s", lambda r: format_number(r.extra.get("bytes_per_s"))),
+                ("req/update", lambda r: format_number(r.extra.get("requests_per_event"))),
+                ("bytes/update", lambda r: format_number(r.extra.get("bytes_per_event"))),
+                ("held", lambda r: format_number(r.extra.get("held")))]
     return []
 
 
