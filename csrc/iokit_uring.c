@@ -205,7 +205,7 @@ static int prepare(struct iokit_ring *r, const struct iokit_op *ops, unsigned co
 
 	/* Check the whole batch first, so that a bad descriptor leaves no half-prepared batch behind. */
 	for (i = 0; i < count; i++)
-		if (ops[i].kind > IOKIT_RECV_SELECT || ops[i].id > IOKIT_MAX_ID)
+		if (ops[i].kind >= IOKIT_KIND_COUNT || ops[i].id > IOKIT_MAX_ID)
 			return -EINVAL;
 	for (i = 0; i < count; i++) {
 		/* An op and its linked timeout must be adjacent in the SQ: reserve both slots at once. */

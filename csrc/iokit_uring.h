@@ -11,7 +11,8 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
-/* Op kinds. 0..15 are iokit._op.OpKind's values; the others exist only between the backend and this file. */
+/* Op kinds. 0..15 are iokit._kinds.OpKind's values; the others exist only between the backend and this file.
+ * iokit/backends/uring.py checks every value, and IOKIT_KIND_COUNT, against its own when it loads. */
 enum {
 	IOKIT_NOP = 0,
 	IOKIT_READ = 1,
@@ -33,6 +34,7 @@ enum {
 	IOKIT_RECV_MULTISHOT = 17,   /* one request, a CQE per chunk, in a buffer of the provided buffer ring */
 	IOKIT_CANCEL = 18,           /* ask the kernel to cancel the op whose id is `id` */
 	IOKIT_RECV_SELECT = 19,      /* one recv into a buffer the kernel takes from the provided buffer ring */
+	IOKIT_KIND_COUNT             /* one past the last kind: prepare() refuses a kind from here on */
 };
 
 /* Op ids are below 2^56: the top byte of user_data tags the SQEs this file adds on its own. */

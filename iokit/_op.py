@@ -25,41 +25,13 @@ import socket
 from typing import Any, Sequence
 
 from ._errors import check_result
-
-
-class OpKind(enum.IntEnum):
-    """What an op does. The values are shared with the C extension (``csrc/iokit_uring.h``)."""
-
-    NOP = 0
-    READ = 1        # pread(fd, buffer, offset); offset -1 means "at the file position"
-    WRITE = 2       # pwrite(fd, buffer, offset)
-    READV = 3       # preadv(fd, buffers, offset)
-    WRITEV = 4      # pwritev(fd, buffers, offset)
-    FSYNC = 5
-    FDATASYNC = 6
-    OPEN = 7        # openat(AT_FDCWD, path, flags, mode) -> fd
-    CLOSE = 8
-    ACCEPT = 9      # -> fd of the new connection (non-blocking, close-on-exec)
-    CONNECT = 10    # -> 0
-    RECV = 11       # recv(fd, buffer, flags) -> bytes received, 0 at end of stream; with no buffer (``receive``)
-                    # the backend picks one only when data arrives and leaves the bytes in ``op.data``
-    SEND = 12       # send(fd, buffer, flags | MSG_NOSIGNAL) -> bytes sent
-    SHUTDOWN = 13
-    TIMEOUT = 14    # completes with 0 after ``timeout`` seconds
-    POLL = 15       # waits until fd is ready for ``flags`` (POLLIN/POLLOUT); -> ready mask
+from ._kinds import OpKind  # its home, with each kind's facts; imported from here too, where ops are built
 
 
 class OpState(enum.IntEnum):
     NEW = 0
     IN_FLIGHT = 1
     DONE = 2
-
-
-# Kinds whose result is a new fd: if such an op completes after its cancel was asked for, nobody will take the fd, so
-# the backend closes it (see ``Backend._finish``).
-FD_RESULT_KINDS = frozenset({OpKind.ACCEPT, OpKind.OPEN})
-FILE_KINDS = frozenset({OpKind.READ, OpKind.WRITE, OpKind.READV, OpKind.WRITEV, OpKind.FSYNC, OpKind.FDATASYNC,
-                        OpKind.OPEN})
 
 
 class Op:

@@ -8,6 +8,8 @@ that backend, and cancel or close from the test's thread, as a thread-per-connec
 from __future__ import annotations
 
 import errno
+import importlib
+import inspect
 import os
 import socket
 import threading
@@ -18,6 +20,7 @@ import pytest
 import iokit
 from iokit import ops
 from iokit._op import OpState
+from iokit.backends import _backend_class
 
 from _helpers import collect, idle_socketpair, unused_fd, wait_until
 
@@ -461,3 +464,72 @@ def test_choosing_backends():
         assert info.available or info.reason, f"{info.name} is unavailable without a reason"
     with pytest.raises(ValueError):
         iokit.open_backend("no-such-backend")
+
+
+# A misspelling of one of each backend's options (blocking has none: any name is unknown to it).
+_MISSPELT_OPTIONS = {"blocking": "file_opps", "threads": "max_worker", "epoll": "fle_ops", "uring": "entrys"}
+
+
+def _accepted_options(backend_name) -> list[str]:
+    return sorted(inspect.signature(_backend_class(backend_name)).parameters)
+
+
+def test_a_misspelt_option_is_a_type_error_naming_it_and_the_accepted_ones(backend_name):
+    misspelt = _MISSPELT_OPTIONS[backend_name]
+    with pytest.raises(TypeError) as raised:
+        iokit.open_backend(backend_name, **{misspelt: 8})
+    message = str(raised.value)
+    assert repr(misspelt) in message and backend_name in message
+    accepted = _accepted_options(backend_name)
+    assert all(option in message for option in accepted)
+    if not accepted:
+        assert "no options" in message
+
+
+def test_run_refuses_a_misspelt_option_before_main_runs(backend_name):
+    ran = []
+
+    async def main():
+        ran.append(True)
+
+    with pytest.raises(TypeError, match=repr(_MISSPELT_OPTIONS[backend_name])):
+        iokit.run(main, backend=backend_name, **{_MISSPELT_OPTIONS[backend_name]: 8})
+    assert not ran
+
+
+def test_a_backend_constructor_refuses_an_option_not_its_own(backend_name):
+    with pytest.raises(TypeError, match="max_wrkers"):
+        _backend_class(backend_name)(max_wrkers=4)
+
+
+def test_an_option_of_another_backend_is_left_out(backend_name):
+    # One call configures whichever backend runs: iokit.serve gives every backend the threads pool's size.
+    others = {"blocking": {"entries": 8}, "threads": {"file_ops": "inline"}, "epoll": {"max_workers": 4},
+              "uring": {"file_workers": 2}}
+    with iokit.open_backend(backend_name, **others[backend_name]) as backend:
+        assert backend.name == backend_name
+
+
+def test_auto_gives_the_backend_it_picks_its_options(monkeypatch):
+    monkeypatch.delenv("IOKIT_BACKEND", raising=False)
+    options = {"file_ops": "inline", "features": {"buffer_ring": False, "multishot_recv": False}}
+    with iokit.open_backend("auto", **options) as backend:
+        extra = backend.statistics().extra
+        if backend.name == "uring":
+            assert extra["features"]["buffer_ring"] is False
+        else:
+            assert backend.name == "epoll" and extra["file_ops"] == "inline"
+    with pytest.raises(TypeError, match="'file_opps'.*auto accepts .*file_ops"):
+        iokit.open_backend("auto", file_opps="inline")
+
+
+def test_the_options_table_is_checked_against_the_constructors(monkeypatch):
+    backends = importlib.import_module("iokit.backends")  # the package: iokit.backends is the listing function
+    monkeypatch.setitem(backends._OPTIONS, "epoll", frozenset({"file_ops"}))
+    backends._backend_class.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="EpollBackend takes file_ops, file_workers"):
+            backends._backend_class("epoll")
+    finally:
+        monkeypatch.undo()
+        backends._backend_class.cache_clear()

@@ -35,7 +35,8 @@ import os
 from typing import Iterable
 
 from .._errors import BackendClosed
-from .._op import FD_RESULT_KINDS, Op, OpState
+from .._kinds import FD_RESULT_KINDS
+from .._op import Op, OpState
 
 ECANCELED = -errno.ECANCELED
 _NEW, _IN_FLIGHT, _DONE = OpState.NEW, OpState.IN_FLIGHT, OpState.DONE

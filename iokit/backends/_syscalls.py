@@ -23,10 +23,10 @@ import select
 import socket
 import time
 
+from .._kinds import SYSCALL_KINDS, WAITS_FOR_WRITABLE, check_complete
 from .._op import Op, OpKind
 
 EAGAIN = -errno.EAGAIN
-_WAITS_FOR_WRITABLE = frozenset({OpKind.SEND, OpKind.WRITE, OpKind.WRITEV, OpKind.CONNECT})
 _IN_PROGRESS = {errno.EINPROGRESS, errno.EALREADY}
 
 
@@ -99,52 +99,52 @@ def _poll_now(fd: int, events: int) -> int:
 
 def attempt(op: Op) -> int:
     """Make ``op``'s syscall once. Returns the result, ``-errno``, or ``-EAGAIN`` if a socket is not ready."""
-    kind = op.kind
+    perform = _ATTEMPTS.get(op.kind)
+    if perform is None:
+        raise ValueError(f"{op.kind.name} is not a syscall op")  # TIMEOUT is a timer in each backend
     try:
-        if kind is OpKind.RECV:
-            if op.buffer is None:
-                return _receive_new_bytes(op)
-            return os.readv(op.fd, (op.buffer,)) if not op.flags else _recv_flags(op)
-        if kind is OpKind.SEND:
-            return _send(op)
-        if kind is OpKind.READ:
-            if op.offset < 0:
-                return os.readv(op.fd, (op.buffer,))
-            return os.preadv(op.fd, (op.buffer,), op.offset)
-        if kind is OpKind.WRITE:
-            if op.offset < 0:
-                return os.write(op.fd, op.buffer)
-            return os.pwrite(op.fd, op.buffer, op.offset)
-        if kind is OpKind.READV:
-            return os.readv(op.fd, op.buffers) if op.offset < 0 else os.preadv(op.fd, op.buffers, op.offset)
-        if kind is OpKind.WRITEV:
-            return os.writev(op.fd, op.buffers) if op.offset < 0 else os.pwritev(op.fd, op.buffers, op.offset)
-        if kind is OpKind.ACCEPT:
-            return _accept(op.fd)
-        if kind is OpKind.CONNECT:
-            return finish_connect(op) if op.backend_data == "connecting" else _connect(op)
-        if kind is OpKind.POLL:
-            return _poll_now(op.fd, op.flags)
-        if kind is OpKind.FSYNC:
-            os.fsync(op.fd)
-            return 0
-        if kind is OpKind.FDATASYNC:
-            os.fdatasync(op.fd)
-            return 0
-        if kind is OpKind.OPEN:
-            return os.open(op.path, op.flags, op.mode)
-        if kind is OpKind.CLOSE:
-            os.close(op.fd)
-            return 0
-        if kind is OpKind.SHUTDOWN:
-            return _shutdown(op.fd, op.flags)
-        if kind is OpKind.NOP:
-            return 0
+        return perform(op)
     except BlockingIOError:
         return EAGAIN
     except OSError as exc:
         return -exc.errno
-    raise ValueError(f"{kind.name} is not a syscall op")  # TIMEOUT is a timer in each backend
+
+
+def _recv(op: Op) -> int:
+    if op.buffer is None:
+        return _receive_new_bytes(op)
+    return os.readv(op.fd, (op.buffer,)) if not op.flags else _recv_flags(op)
+
+
+def _read(op: Op) -> int:
+    return os.readv(op.fd, (op.buffer,)) if op.offset < 0 else os.preadv(op.fd, (op.buffer,), op.offset)
+
+
+def _write(op: Op) -> int:
+    return os.write(op.fd, op.buffer) if op.offset < 0 else os.pwrite(op.fd, op.buffer, op.offset)
+
+
+def _readv(op: Op) -> int:
+    return os.readv(op.fd, op.buffers) if op.offset < 0 else os.preadv(op.fd, op.buffers, op.offset)
+
+
+def _writev(op: Op) -> int:
+    return os.writev(op.fd, op.buffers) if op.offset < 0 else os.pwritev(op.fd, op.buffers, op.offset)
+
+
+def _fsync(op: Op) -> int:
+    os.fsync(op.fd)
+    return 0
+
+
+def _fdatasync(op: Op) -> int:
+    os.fdatasync(op.fd)
+    return 0
+
+
+def _close(op: Op) -> int:
+    os.close(op.fd)
+    return 0
 
 
 def _send(op: Op) -> int:
@@ -179,11 +179,32 @@ def _recv_flags(op: Op) -> int:
         sock.detach()
 
 
+# The syscall of each kind that has one (TIMEOUT is a timer in each backend), checked complete below.
+_ATTEMPTS = {
+    OpKind.NOP: lambda op: 0,
+    OpKind.READ: _read,
+    OpKind.WRITE: _write,
+    OpKind.READV: _readv,
+    OpKind.WRITEV: _writev,
+    OpKind.FSYNC: _fsync,
+    OpKind.FDATASYNC: _fdatasync,
+    OpKind.OPEN: lambda op: os.open(op.path, op.flags, op.mode),
+    OpKind.CLOSE: _close,
+    OpKind.ACCEPT: lambda op: _accept(op.fd),
+    OpKind.CONNECT: lambda op: finish_connect(op) if op.backend_data == "connecting" else _connect(op),
+    OpKind.RECV: _recv,
+    OpKind.SEND: _send,
+    OpKind.SHUTDOWN: lambda op: _shutdown(op.fd, op.flags),
+    OpKind.POLL: lambda op: _poll_now(op.fd, op.flags),
+}
+check_complete(_ATTEMPTS, "iokit/backends/_syscalls.py _ATTEMPTS", SYSCALL_KINDS)
+
+
 def wants_writable(op: Op) -> bool:
     """True if a not-ready ``op`` waits for POLLOUT (send, write to a pipe or socket, connect, poll for writing),
     False for POLLIN."""
     kind = op.kind
-    return kind in _WAITS_FOR_WRITABLE or (kind is OpKind.POLL and bool(op.flags & select.POLLOUT))
+    return kind in WAITS_FOR_WRITABLE or (kind is OpKind.POLL and bool(op.flags & select.POLLOUT))
 
 
 def wait_then_attempt(op: Op, wake_fd: int) -> int:

@@ -46,7 +46,7 @@ class BlockingBackend(Backend):
     name = "blocking"
     task_per_thread = True
 
-    def __init__(self, **_options) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()  # the in-flight table
         self._states_lock = threading.Lock()  # the set of thread states (taken under self._lock too: never the reverse)
         self._local = threading.local()

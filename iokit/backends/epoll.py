@@ -29,7 +29,8 @@ import select
 import time
 
 from .. import _engine
-from .._op import FILE_KINDS, Op, OpKind
+from .._kinds import FILE_KINDS
+from .._op import Op, OpKind
 from ._base import Backend
 from ._pool import WorkerPool
 from ._syscalls import EAGAIN, attempt, drain_eventfd, wants_writable
@@ -56,7 +57,7 @@ class _Waiters:
 class EpollBackend(Backend):
     name = "epoll"
 
-    def __init__(self, file_ops: str = "pool", file_workers: int = DEFAULT_FILE_WORKERS, **_options) -> None:
+    def __init__(self, file_ops: str = "pool", file_workers: int = DEFAULT_FILE_WORKERS) -> None:
         if file_ops not in ("pool", "inline"):
             raise ValueError(f"file_ops must be 'pool' or 'inline', got {file_ops!r}")
         super().__init__()

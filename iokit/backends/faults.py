@@ -48,6 +48,7 @@ import threading
 import time
 from typing import Mapping
 
+from .._kinds import check_complete
 from .._op import Op, OpKind, OpState
 from ._base import ECANCELED, Backend
 from ._syscalls import wants_writable
@@ -57,11 +58,40 @@ __all__ = ["ENVIRONMENT_VARIABLE", "PREFIX", "FaultRates", "FaultyBackend", "wra
 PREFIX = "faulty:"
 ENVIRONMENT_VARIABLE = "IOKIT_FAULTS"
 
-_WAIT_FIRST_KINDS = frozenset({OpKind.RECV, OpKind.SEND, OpKind.ACCEPT})
-_DATA_KINDS = frozenset({OpKind.RECV, OpKind.SEND, OpKind.READ, OpKind.WRITE, OpKind.READV, OpKind.WRITEV})
-_RETRYABLE_KINDS = _DATA_KINDS | {OpKind.POLL}
-_RESET_KINDS = frozenset({OpKind.RECV, OpKind.SEND})
-_FILE_WRITE_KINDS = frozenset({OpKind.WRITE, OpKind.WRITEV})
+# The faults each kind may get (see the list above), checked complete at import: a new kind needs a decision here.
+# eintr, short and cancel_race go together: each needs an op that moves bytes and can be made again unchanged.
+_BYTES_FAULTS = frozenset({"eintr", "short", "cancel_race"})
+_FAULTS_BY_KIND: dict[OpKind, frozenset[str]] = {
+    OpKind.NOP: frozenset(),
+    OpKind.READ: _BYTES_FAULTS,
+    OpKind.WRITE: _BYTES_FAULTS | {"enospc"},
+    OpKind.READV: _BYTES_FAULTS,
+    OpKind.WRITEV: _BYTES_FAULTS | {"enospc"},
+    OpKind.FSYNC: frozenset(),
+    OpKind.FDATASYNC: frozenset(),
+    OpKind.OPEN: frozenset(),
+    OpKind.CLOSE: frozenset(),
+    OpKind.ACCEPT: frozenset({"eagain"}),
+    OpKind.CONNECT: frozenset(),
+    OpKind.RECV: _BYTES_FAULTS | {"eagain", "reset"},
+    OpKind.SEND: _BYTES_FAULTS | {"eagain", "reset"},
+    OpKind.SHUTDOWN: frozenset(),
+    OpKind.TIMEOUT: frozenset(),
+    OpKind.POLL: frozenset({"cancel_race"}),
+}
+check_complete(_FAULTS_BY_KIND, "iokit/backends/faults.py _FAULTS_BY_KIND")
+
+
+def _kinds_with(fault: str) -> frozenset[OpKind]:
+    return frozenset(kind for kind, faults in _FAULTS_BY_KIND.items() if fault in faults)
+
+
+_EAGAIN_KINDS = _kinds_with("eagain")
+_SHORT_KINDS = _kinds_with("short")
+_EINTR_KINDS = _kinds_with("eintr")
+_CANCEL_RACE_KINDS = _kinds_with("cancel_race")
+_RESET_KINDS = _kinds_with("reset")
+_ENOSPC_KINDS = _kinds_with("enospc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +128,10 @@ class FaultRates:
             except ValueError:
                 raise ValueError(f"{ENVIRONMENT_VARIABLE}: {name} needs a number, got {text!r}") from None
         return cls(**values)
+
+
+if set().union(*_FAULTS_BY_KIND.values()) - {field.name for field in dataclasses.fields(FaultRates)}:
+    raise ImportError("iokit/backends/faults.py _FAULTS_BY_KIND names a fault that FaultRates does not have")
 
 
 class _Attempt(Op):
@@ -187,7 +221,7 @@ class FaultyBackend(Backend):
         if visible_error is not None:
             self._finish(op, visible_error)
             return
-        wait_first = op.kind in _WAIT_FIRST_KINDS and self._roll("eagain")
+        wait_first = op.kind in _EAGAIN_KINDS and self._roll("eagain")
         self._advance(op, wait_first)
 
     def _request_cancel(self, op: Op) -> None:
@@ -253,7 +287,7 @@ class FaultyBackend(Backend):
         if op.kind in _RESET_KINDS and self._roll("reset"):
             _shut_down_both_ways(op.fd)
             return -errno.ECONNRESET
-        if op.kind in _FILE_WRITE_KINDS and self.rates.enospc > 0 and _is_regular_file(op.fd) \
+        if op.kind in _ENOSPC_KINDS and self.rates.enospc > 0 and _is_regular_file(op.fd) \
                 and self._roll("enospc"):
             return -errno.ENOSPC
         return None
@@ -262,7 +296,7 @@ class FaultyBackend(Backend):
         """Submit the next attempt of ``op``; while attempts complete inside submit() (blocking, epoll's first try),
         go on with the one after, until one is left in flight or ``op`` is finished."""
         while True:
-            if not wait_first and op.kind in _DATA_KINDS and self._roll("eintr") and not self.task_per_thread:
+            if not wait_first and op.kind in _EINTR_KINDS and self._roll("eintr") and not self.task_per_thread:
                 self._retry_next_round.append(op)
                 return
             attempt = self._readiness_wait(op) if wait_first else self._attempt(op)
@@ -310,7 +344,7 @@ class FaultyBackend(Backend):
 
     def _attempt(self, op: Op) -> _Attempt:
         buffer, buffers, size = op.buffer, op.buffers, op.size
-        if op.kind in _DATA_KINDS and op.nbytes > 1 and self._roll("short"):
+        if op.kind in _SHORT_KINDS and op.nbytes > 1 and self._roll("short"):
             if buffer is not None:
                 buffer = buffer[:1]
             elif buffers:
@@ -321,7 +355,7 @@ class FaultyBackend(Backend):
         attempt = _Attempt(op, op.kind, is_readiness_wait=False, follows_outer=self.task_per_thread, buffer=buffer,
                            buffers=buffers, size=size, offset=op.offset, flags=op.flags, path=op.path, mode=op.mode,
                            address=op.address, timeout=op.timeout)
-        if op.kind in _RETRYABLE_KINDS and self._roll("cancel_race"):
+        if op.kind in _CANCEL_RACE_KINDS and self._roll("cancel_race"):
             attempt.injected_cancel = True
             if self.task_per_thread:
                 # The op runs inside submit(): the cancel can only be there from the start. The blocking wait makes

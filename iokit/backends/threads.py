@@ -29,8 +29,8 @@ DEFAULT_MAX_WORKERS = 256
 class ThreadsBackend(Backend):
     name = "threads"
 
-    def __init__(self, max_workers: int = DEFAULT_MAX_WORKERS, worker_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 **_options) -> None:
+    def __init__(self, max_workers: int = DEFAULT_MAX_WORKERS,
+                 worker_idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         super().__init__()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poller = select.poll()

@@ -43,6 +43,7 @@ from typing import Any, Iterable
 
 from .. import _engine
 from .._errors import BackendClosed, BackendUnavailable
+from .._kinds import check_c_enum, check_complete
 from .._op import Op, OpKind, OpState, _check_fd
 from .._uring_ffi import ffi, lib
 from ._base import ECANCELED, Backend
@@ -85,6 +86,19 @@ if ffi.sizeof("struct iokit_op") != _DESCRIPTOR_SIZE or [ffi.offsetof("struct io
         "id", "addr", "offset", "timeout_ns", "deadline_ns", "len", "flags", "mode", "fd", "kind", "fixed_file")] != [
         0, 8, 16, 24, 32, 40, 44, 48, 52, 56, 57]:
     raise ImportError("struct iokit_op in csrc/iokit_uring.h no longer matches _DESCRIPTOR in iokit/backends/uring.py")
+# The kinds that exist only between this module and csrc/iokit_uring.c (a describer sets them); with OpKind's they
+# must be the C enum's values, exactly 0 .. IOKIT_KIND_COUNT - 1.
+check_c_enum(lib, ("ACCEPT_MULTISHOT", "RECV_MULTISHOT", "CANCEL", "RECV_SELECT"), "csrc/iokit_uring.h")
+# The method of UringBackend that describes each kind to C (after the fields every kind packs), checked complete.
+_DESCRIBER_NAMES = {
+    OpKind.NOP: "_describe_plain", OpKind.FSYNC: "_describe_plain", OpKind.FDATASYNC: "_describe_plain",
+    OpKind.CLOSE: "_describe_plain", OpKind.SHUTDOWN: "_describe_plain", OpKind.POLL: "_describe_plain",
+    OpKind.READ: "_describe_buffer", OpKind.WRITE: "_describe_buffer", OpKind.SEND: "_describe_buffer",
+    OpKind.RECV: "_describe_recv", OpKind.READV: "_describe_vector", OpKind.WRITEV: "_describe_vector",
+    OpKind.OPEN: "_describe_open", OpKind.ACCEPT: "_describe_accept", OpKind.CONNECT: "_describe_connect",
+    OpKind.TIMEOUT: "_describe_timeout",
+}
+check_complete(_DESCRIBER_NAMES, "iokit/backends/uring.py _DESCRIBER_NAMES")
 _ETIME = -errno.ETIME
 _ENOBUFS = -errno.ENOBUFS
 _EINTR = -errno.EINTR
@@ -123,7 +137,7 @@ class UringBackend(Backend):
     name = "uring"
 
     def __init__(self, entries: int = 256, *, sqpoll: bool = False, cq_entries: int | None = None,
-                 features: dict[str, bool] | None = None, **_options) -> None:
+                 features: dict[str, bool] | None = None) -> None:
         self._ring = None  # first: _release and __del__ look at it
         super().__init__()
         if entries < 2:
@@ -419,16 +433,7 @@ class UringBackend(Backend):
             self._queue_cancel(op_id)
 
     def _describer_table(self) -> dict:
-        plain = self._describe_plain
-        return {
-            OpKind.NOP: plain, OpKind.FSYNC: plain, OpKind.FDATASYNC: plain, OpKind.CLOSE: plain,
-            OpKind.SHUTDOWN: plain, OpKind.POLL: plain,
-            OpKind.READ: self._describe_buffer, OpKind.WRITE: self._describe_buffer,
-            OpKind.SEND: self._describe_buffer, OpKind.RECV: self._describe_recv,
-            OpKind.READV: self._describe_vector, OpKind.WRITEV: self._describe_vector,
-            OpKind.OPEN: self._describe_open, OpKind.ACCEPT: self._describe_accept,
-            OpKind.CONNECT: self._describe_connect, OpKind.TIMEOUT: self._describe_timeout,
-        }
+        return {kind: getattr(self, name) for kind, name in _DESCRIBER_NAMES.items()}
 
     @staticmethod
     def _describe_plain(descriptor, op: Op) -> None:
