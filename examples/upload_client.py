@@ -10,7 +10,9 @@ the server reports, and checks the result's sha256 by downloading it.
     upload_client.py --measure                                 sync vs async durability throughput on this machine
 
 After a failed request (connection lost, server restarted, 409, 460, 5xx) it asks the server where the upload stands
-(HEAD) and goes on from there, for up to ``--retry-seconds``. ``--ack-log FILE`` writes a line per acknowledged chunk
+(HEAD) and goes on from there, for up to ``--retry-seconds``. ``--failover HOST:PORT`` (repeatable) names servers to
+turn to when the current one refuses connections: a replica that keeps the primary's upload ids
+(``upload_server.py --accept-replication``), where the upload resumes at the same path. ``--ack-log FILE`` writes a line per acknowledged chunk
 (``ack <unix time> <offset> <durable offset>``) and per resumption (``resume <unix time> <offset> <durable offset>``),
 which is how the crash test knows what the server had promised. It prints one line:
 
@@ -55,13 +57,28 @@ class UploadFailed(Exception):
 
 
 class Server:
-    """Where the server is, and how to reach it: one new keep-alive connection per worker."""
+    """Where the server is, and how to reach it: one new keep-alive connection per worker. ``failovers`` are
+    ``(host, port)`` of replicas to turn to, in order, when the current server refuses connections."""
 
-    def __init__(self, host: str, port: int, timeout: float = 30.0):
+    def __init__(self, host: str, port: int, timeout: float = 30.0, failovers: list[tuple[str, int]] = ()):
         self.host, self.port, self.timeout = host, port, timeout
+        self._failovers = list(failovers)
+        self._lock = threading.Lock()
 
     def connect(self) -> "TusConnection":
         return TusConnection(http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
+
+    def fail_over(self, refused_port: int) -> bool:
+        """The server at ``refused_port`` refused a connection: turn to the next failover, if there is one (and no
+        other thread did already). Return ``True`` if the server changed."""
+        with self._lock:
+            if self.port != refused_port:
+                return True
+            if not self._failovers:
+                return False
+            self.host, self.port = self._failovers.pop(0)
+            print(f"failing over to {self.host}:{self.port}", file=sys.stderr)
+            return True
 
 
 class TusConnection:
@@ -150,6 +167,7 @@ def send(server: Server, path: str, source: str, start: int, length: int, argume
     with open(source, "rb") as file:
         while True:
             connection = server.connect()
+            port = server.port
             try:
                 if offset is None:
                     offset, durable = connection.head(path)
@@ -169,6 +187,8 @@ def send(server: Server, path: str, source: str, start: int, length: int, argume
                     raise
                 if time.monotonic() > deadline:
                     raise UploadFailed(f"gave up on {path} after {arguments.retry_seconds} s: {error}") from error
+                if isinstance(error, ConnectionRefusedError):
+                    server.fail_over(port)
                 print(f"{path}: {error}; asking the server where the upload stands", file=sys.stderr)
                 offset, resumed = None, True
                 time.sleep(RETRY_PAUSE)
@@ -229,8 +249,13 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def run_upload(arguments) -> int:
-    server = Server(arguments.host, arguments.port)
+    server = Server(arguments.host, arguments.port, failovers=[parse_address(text) for text in arguments.failover])
     log = AckLog(arguments.ack_log)
     started = time.monotonic()
     try:
@@ -323,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-seconds", type=float, default=30.0,
                         help="keep resuming after failures for this long (default: 30)")
     parser.add_argument("--rate", type=float, default=0.0, help="send at most this many MiB/s (default: no limit)")
+    parser.add_argument("--failover", action="append", default=[], metavar="HOST:PORT",
+                        help="a replica to resume on when the server refuses connections (repeatable)")
     parser.add_argument("--ack-log", help="append a line per acknowledged chunk and per resumption to this file")
     parser.add_argument("--measure", action="store_true", help="measure sync vs async throughput (starts servers)")
     parser.add_argument("--measure-mib", type=int, default=32, help="--measure: upload size in MiB (default: 32)")

@@ -22,9 +22,10 @@ import contextlib
 
 import iokit
 
-from ..http import App, HttpLimits, HttpServer, Response
+from ..http import App, HttpError, HttpLimits, HttpServer, Response
 from . import protocol
 from .protocol import TUS_VERSION, tus_error, upload_path
+from .replication import REWIND_HEADER, UPLOAD_ID_HEADER, Replication
 from .store import Upload, UploadStore
 
 
@@ -39,10 +40,17 @@ def _state_headers(store: UploadStore, upload: Upload) -> list[tuple[str, str]]:
 
 
 class UploadHandlers:
-    """The handlers of the tus routes over one ``UploadStore``."""
+    """The handlers of the tus routes over one ``UploadStore``.
 
-    def __init__(self, store: UploadStore):
+    ``replication`` (a primary) sends every creation, chunk and deletion to the replicas as its mode says;
+    ``accept_replication`` (a replica) honours the primary's ``Iokit-Upload-Id`` and ``Iokit-Rewind``
+    (``replication.py``).
+    """
+
+    def __init__(self, store: UploadStore, replication: Replication | None = None, accept_replication: bool = False):
         self.store = store
+        self.replication = replication
+        self.accept_replication = accept_replication
 
     async def options(self, request) -> Response:
         return Response(204, headers=protocol.options_headers(self.store.limits.max_upload_bytes))
@@ -56,15 +64,22 @@ class UploadHandlers:
                                            limits.max_metadata_bytes)
         if "upload-defer-length" in headers:
             raise tus_error(400, "defer_length_unsupported", "this server needs Upload-Length at creation")
+        upload_id = self._primary_upload_id(headers)
         if concat is not None and concat.kind == "final":
             if "upload-length" in headers:
                 raise tus_error(400, "invalid_upload_length", "a final upload's length is the sum of its parts; "
                                                               "do not send Upload-Length")
-            upload = await self.store.concatenate(concat.part_ids, metadata)
+            upload = await self.store.concatenate(concat.part_ids, metadata, upload_id)
         else:
             length = protocol.parse_upload_length(protocol.single_header(headers, "upload-length"),
                                                   limits.max_upload_bytes)
-            upload = await self.store.create(length, metadata, concat)
+            upload = await self.store.create(length, metadata, concat, upload_id)
+        if self.replication is not None:
+            try:
+                await self.replication.created(upload)
+            except HttpError:  # not on every replica (sync): it does not exist here either
+                await self.store.delete(upload)
+                raise
         response_headers = [("Location", upload_path(upload.id)), *_state_headers(self.store, upload)]
         return Response(201, headers=response_headers)
 
@@ -88,7 +103,16 @@ class UploadHandlers:
         offset = protocol.parse_upload_offset(protocol.single_header(headers, "upload-offset"))
         checksum = protocol.parse_checksum(protocol.single_header(headers, "upload-checksum"))
         upload = await self.store.lookup(request.path_params["upload_id"])
-        async with self.store.patch(upload, offset, request.head.content_length, checksum) as chunk:
+        if self.accept_replication and protocol.single_header(headers, REWIND_HEADER) == "1" \
+                and offset < upload.offset:
+            await self.store.rewind(upload, offset)  # the primary took these bytes back: so do we
+        replication = self.replication
+        if replication is not None:
+            await replication.wait_for_room()  # async mode's backpressure, before any byte is read
+        async with self.store.patch(upload, offset, request.head.content_length, checksum,
+                                    after_commit=None if replication is None else replication.after_commit,
+                                    hold_until_confirmed=replication is not None
+                                    and replication.confirms_before_accepting) as chunk:
             async for piece in request.body():
                 await chunk.write(piece)
             await chunk.complete()
@@ -98,7 +122,26 @@ class UploadHandlers:
         protocol.check_tus_resumable(protocol.single_header(request.headers, "tus-resumable"))
         upload = await self.store.lookup(request.path_params["upload_id"])
         await self.store.delete(upload)
+        if self.replication is not None:
+            await self.replication.deleted(upload)
         return Response(204, headers=[("Tus-Resumable", TUS_VERSION)])
+
+    def _primary_upload_id(self, headers) -> str | None:
+        """Return the id a primary asks its replica to keep (``Iokit-Upload-Id``), or ``None``. Only a server started
+        to accept replication honours it (elsewhere a client would choose its own id: ignored); an id not of our shape
+        is a 400."""
+        value = protocol.single_header(headers, UPLOAD_ID_HEADER)
+        if value is None or not self.accept_replication:
+            return None
+        if not protocol.is_upload_id(value):
+            raise tus_error(400, "invalid_upload_id", f"{UPLOAD_ID_HEADER} must be 32 lowercase hex digits")
+        return value
+
+    async def statistics(self, request) -> Response:
+        """``GET /stats``: the uploads held, and the replication's lag per replica (bytes and seconds behind)."""
+        figures = {"uploads": len(self.store.uploads()), "durability": self.store.durability.value,
+                   "replication": None if self.replication is None else self.replication.statistics()}
+        return Response.json(figures, headers=[("Cache-Control", "no-store")])
 
     async def download(self, request) -> Response:
         upload = await self.store.lookup(request.path_params["upload_id"])
@@ -107,9 +150,9 @@ class UploadHandlers:
                         content_type="application/octet-stream")
 
 
-def build_app(store: UploadStore) -> App:
+def build_app(store: UploadStore, replication: Replication | None = None, accept_replication: bool = False) -> App:
     """Return the routes of the upload server over ``store``."""
-    handlers = UploadHandlers(store)
+    handlers = UploadHandlers(store, replication, accept_replication)
     app = App()
     collection = protocol.COLLECTION_PATH
     one_upload = collection + "/{upload_id}"
@@ -120,23 +163,33 @@ def build_app(store: UploadStore) -> App:
     app.add_route("PATCH", one_upload, handlers.patch, max_body_size=None)
     app.add_route("DELETE", one_upload, handlers.delete)
     app.add_route("GET", one_upload, handlers.download)
+    app.add_route("GET", "/stats", handlers.statistics)
     return app
 
 
-def build_server(store: UploadStore, limits: HttpLimits) -> HttpServer:
+def build_server(store: UploadStore, limits: HttpLimits, replication: Replication | None = None,
+                 accept_replication: bool = False) -> HttpServer:
     """Return the upload service over ``store``, for ``iokit.serve.main``."""
-    return HttpServer(build_app(store), limits, lifespan=lambda: store_lifespan(store), single_process=True)
+    return HttpServer(build_app(store, replication, accept_replication), limits,
+                      lifespan=lambda: store_lifespan(store, replication), single_process=True)
 
 
 @contextlib.asynccontextmanager
-async def store_lifespan(store: UploadStore):
-    """Return an async context manager that loads ``store``, runs its housekeeping while the block runs, and at the end
-    makes every accepted byte durable (the last flush, also when the block fails)."""
+async def store_lifespan(store: UploadStore, replication: Replication | None = None):
+    """Return an async context manager that loads ``store``, runs its housekeeping (and the replication's senders)
+    while the block runs, and at the end makes every accepted byte durable (the last flush, also when the block
+    fails)."""
     await store.open()
     try:
         async with iokit.TaskGroup() as tasks:
             tasks.spawn(store.run_housekeeping, name="upload-housekeeping")
+            if replication is not None:
+                tasks.spawn(replication.run, name="replication")
             yield
             tasks.cancel_scope.cancel()
     finally:
-        await store.close()
+        try:
+            await store.close()
+        finally:
+            if replication is not None:
+                await replication.aclose()

@@ -36,7 +36,7 @@ import os
 import sys
 import threading
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Protocol
 
 import iokit
 
@@ -190,6 +190,11 @@ class UploadStore:
 
     # -- looking up --------------------------------------------------------------------------------------------------
 
+    def uploads(self) -> list[Upload]:
+        """Return every upload in the table (a copy: the table may change once the caller awaits)."""
+        with self._lock:
+            return list(self._uploads.values())
+
     async def lookup(self, upload_id: str) -> Upload:
         """Return the upload with this id. Raises 404 for an unknown id (any text that is not one of our ids is just
         a key that is not in the table), 410 for an expired one."""
@@ -227,13 +232,22 @@ class UploadStore:
 
     # -- creating, concatenating, deleting ---------------------------------------------------------------------------
 
-    async def create(self, length: int, metadata: dict[str, bytes], concat: Concat | None = None) -> Upload:
+    async def create(self, length: int, metadata: dict[str, bytes], concat: Concat | None = None,
+                     upload_id: str | None = None) -> Upload:
         """Create an empty upload of ``length`` bytes, durably (data file and record) in both modes. 507 if the disk
-        is full."""
+        is full.
+
+        ``upload_id`` is for a replica, which keeps its primary's ids (``replication.py``): an upload of that id that
+        exists already with the same length is returned as it is (the primary may ask again after losing an answer);
+        with another length, or an expired one, it is a 409."""
+        if upload_id is not None:
+            existing = self._existing_for_replication(upload_id, length)
+            if existing is not None:
+                return existing
         self._promise(length)
         try:
             now = self.clock()
-            record = Record(new_upload_id(), length, metadata, concat, created_at=now, updated_at=now)
+            record = Record(upload_id or new_upload_id(), length, metadata, concat, created_at=now, updated_at=now)
             files = UploadFiles(self.directory, record.upload_id)
             try:
                 await files.create_data()
@@ -247,6 +261,14 @@ class UploadStore:
         finally:
             with self._lock:
                 self._creating.remove(length)
+
+    def _existing_for_replication(self, upload_id: str, length: int) -> Upload | None:
+        with self._lock:
+            upload = self._uploads.get(upload_id)
+            expired = upload_id in self._expired
+        if expired or (upload is not None and upload.length != length):
+            raise tus_error(409, "upload_id_taken", f"upload {upload_id} exists here with another length, or expired")
+        return upload
 
     def _promise(self, length: int) -> None:
         """Count a creation of ``length`` bytes against ``max_live_uploads`` and ``max_promised_bytes`` (503, 413),
@@ -268,7 +290,8 @@ class UploadStore:
             self._uploads[upload.id] = upload
         return upload
 
-    async def concatenate(self, part_ids: tuple[str, ...], metadata: dict[str, bytes]) -> Upload:
+    async def concatenate(self, part_ids: tuple[str, ...], metadata: dict[str, bytes],
+                          upload_id: str | None = None) -> Upload:
         """Create a final upload joining the finished partial uploads ``part_ids`` in order, durably, and return it.
 
         Raises 404/410 for a part that does not exist, 400 for one that is not a finished partial upload, 413 when they
@@ -282,6 +305,10 @@ class UploadStore:
                 raise tus_error(400, "partial_not_finished", f"partial upload {part.id} has {part.offset} of its "
                                                              f"{part.length} bytes; finish it first")
         total = sum(part.length for part in parts)
+        if upload_id is not None:
+            existing = self._existing_for_replication(upload_id, total)
+            if existing is not None:
+                return existing
         if total > self.limits.max_upload_bytes:
             raise tus_error(413, "upload_too_large", f"the parts add up to {total} bytes, over the Tus-Max-Size of "
                                                      f"{self.limits.max_upload_bytes}")
@@ -294,8 +321,8 @@ class UploadStore:
             for part in distinct:
                 await self.flush(part)
             now = self.clock()
-            record = Record(new_upload_id(), total, metadata, Concat("final", tuple(part_ids)), created_at=now,
-                            updated_at=now, durable_offset=total)
+            record = Record(upload_id or new_upload_id(), total, metadata, Concat("final", tuple(part_ids)),
+                            created_at=now, updated_at=now, durable_offset=total)
             files = UploadFiles(self.directory, record.upload_id)
             try:
                 await self._join(parts, files, total)
@@ -383,13 +410,70 @@ class UploadStore:
 
     # -- writing -----------------------------------------------------------------------------------------------------
 
-    def patch(self, upload: Upload, offset: int, declared_length: int | None, checksum: Checksum | None) -> "Chunk":
+    def patch(self, upload: Upload, offset: int, declared_length: int | None, checksum: Checksum | None,
+              after_commit: "AfterCommit | None" = None, hold_until_confirmed: bool = False) -> "Chunk":
         """Return the ``Chunk`` (an async context manager) that takes one PATCH's bytes into ``upload``.
 
         Entering it raises 403 for a final upload, 423 if another request is writing, 409 if ``offset`` is not the
         upload's offset, 413 if ``declared_length`` runs past the upload's length, 507 if the disk cannot hold it.
+
+        ``after_commit`` (replication) is awaited with ``(upload, start, end)`` once the chunk is kept, the upload still
+        held and HEAD answering 423: if it raises, the chunk is taken back (``rewind``) and the error goes to the
+        client. With ``hold_until_confirmed`` the chunk is written in place (not through async mode's buffer), so that
+        no byte of it counts in the offset before ``after_commit`` has returned.
         """
-        return Chunk(self, upload, offset, declared_length, checksum)
+        return Chunk(self, upload, offset, declared_length, checksum, after_commit, hold_until_confirmed)
+
+    async def rewind(self, upload: Upload, offset: int) -> None:
+        """Cut ``upload`` back to ``offset`` bytes, durably (a replica, on its primary's word: the primary took back a
+        chunk this replica may have received). Raises 423 while a request writes to it, 409 past its offset."""
+        self._claim(upload)
+        try:
+            if offset > upload.offset:
+                raise tus_error(409, "rewind_past_offset", f"cannot rewind to {offset}: the upload is at "
+                                                           f"{upload.offset}")
+            await self._rewind_claimed(upload, offset)
+        finally:
+            self._release(upload)
+
+    async def _rewind_claimed(self, upload: Upload, offset: int) -> None:
+        with iokit.CancelScope(shield=True):
+            async with upload.io_lock:
+                with self._lock:
+                    upload.buffer = [(start, data[:offset - start]) for start, data in upload.buffer if start < offset]
+                    upload.buffered_bytes = sum(len(data) for _, data in upload.buffer)
+                    upload.offset = min(upload.offset, offset)
+                file = await upload.files.open_data(os.O_RDWR)
+                try:
+                    truncate(file, offset)
+                    if upload.durable_offset > offset:
+                        await file.fdatasync()
+                        await self._record_durable(upload, offset, upload.updated_at)
+                finally:
+                    await file.aclose()
+
+    async def read_accepted(self, upload: Upload, offset: int, size: int) -> bytes:
+        """Return ``size`` accepted bytes of ``upload`` from ``offset``, whether async mode still holds them in memory
+        or they are in the data file (what a replication sender ships). Raises ``OSError`` (the file), 404 if the
+        upload was removed."""
+        if offset + size > upload.offset:
+            raise ValueError(f"bytes up to {offset + size} of {upload.id} are not accepted (offset {upload.offset})")
+        async with upload.io_lock:  # the flusher moves bytes from the buffer to the file under this lock
+            if upload.removed:
+                raise tus_error(404, "not_found", "no such upload")
+            with self._lock:
+                pending = [(start, bytes(data)) for start, data in upload.buffer
+                           if start < offset + size and start + len(data) > offset]
+            file = await upload.files.open_data(os.O_RDONLY)
+            try:
+                data = bytearray(await file.read_at(size, offset))
+            finally:
+                await file.aclose()
+        data.extend(bytes(size - len(data)))  # a buffered tail not yet in the file
+        for start, piece in pending:
+            low, high = max(start, offset), min(start + len(piece), offset + size)
+            data[low - offset:high - offset] = piece[low - start:high - start]
+        return bytes(data)
 
     def _accept_buffered(self, upload: Upload, piece: bytes) -> None:
         """Async mode: ``piece`` is accepted (it counts in the offset) and waits in memory for the flusher."""
@@ -494,6 +578,12 @@ class UploadStore:
         return FilePieces(file, upload.length, self.limits.copy_piece_bytes)
 
 
+class AfterCommit(Protocol):
+    """What ``UploadStore.patch`` calls once a chunk is kept: ``await after_commit(upload, start, end)``."""
+
+    async def __call__(self, upload: Upload, start: int, end: int) -> None: ...
+
+
 class FilePieces:
     """The first ``length`` bytes of an open file as an async iterable of pieces; ``aclose()`` closes the file.
 
@@ -528,16 +618,19 @@ class Chunk:
     """
 
     def __init__(self, store: UploadStore, upload: Upload, offset: int, declared_length: int | None,
-                 checksum: Checksum | None):
+                 checksum: Checksum | None, after_commit: "AfterCommit | None" = None,
+                 hold_until_confirmed: bool = False):
         self.store = store
         self.upload = upload
         self.start = offset
         self.declared_length = declared_length
         self.checksum = checksum
         self.received = 0
+        self.after_commit = after_commit
         self._hasher = checksum.new_hasher() if checksum is not None else None
         # Bytes that may still be refused once the body is in must not reach the flusher: write them in place.
-        self._in_place = (store.durability is Durability.SYNC or checksum is not None or declared_length is None)
+        self._in_place = (store.durability is Durability.SYNC or checksum is not None or declared_length is None
+                          or hold_until_confirmed)
         self._unwritten = bytearray()  # in place: pieces gathered into one write
         self._settled = False
         self._file: iokit.File | None = None
@@ -609,6 +702,12 @@ class Chunk:
         self.upload.committing = True
         try:
             await self._commit()
+            if self.after_commit is not None and self.upload.offset > self.start:
+                try:
+                    await self.after_commit(self.upload, self.start, self.upload.offset)
+                except BaseException:
+                    await self.store._rewind_claimed(self.upload, self.start)
+                    raise
         finally:
             self.upload.committing = False
 

@@ -1,0 +1,329 @@
+"""Replication of the upload server (``iokit.tus.replication``), with real processes: a primary and a replica (an upload
+server with ``--accept-replication``), on every backend.
+
+* sync: every acknowledged chunk is on the replica, under the same id; a replica that is down or never answers makes
+  the primary answer 503 with Retry-After and take the chunk back (HEAD shows the offset before it); a restarted
+  replica catches up at the next chunk.
+* async: the replica follows, ``GET /stats`` reports the lag and it falls to zero; with the replica away the backlog
+  fills to its bound and then clients get 503 (backpressure); uploads created while it was away reach it once back.
+* the replica's own headers: ``Iokit-Upload-Id`` is honoured only with ``--accept-replication``, ``Iokit-Rewind`` cuts
+  a copy back.
+* **the proof**: ``kill -9`` the primary mid-upload and delete its storage; our client fails over to the replica and
+  resumes at the same path. In sync mode no acknowledged byte is missing (a few trials here, 20 in the slow set); in
+  async mode what is missing is at most the lag the primary reported, plus what it acknowledged after that report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from example_servers import _backend_params, backend_name, wait_until  # noqa: F401
+from test_upload import (CLIENT, KIB, MIB, SHM, create, fast_dir, offset_of, patch, random_file,  # noqa: F401
+                         read_ack_log, sha256_of, start_upload_server, tus)
+
+SYNC_CI_TRIALS = 3
+SYNC_FULL_TRIALS = 20
+ASYNC_CI_TRIALS = 2
+ASYNC_FULL_TRIALS = 20
+TRIAL_UPLOAD_BYTES = 6 * MIB
+TRIAL_CHUNK_BYTES = 256 * KIB
+TRIAL_RATE_MIB_PER_S = 8
+KILL_BACKEND_PARAMS = [param for param in _backend_params() if param.id in ("uring", "epoll")]
+
+
+def start_replica(backend: str, directory: str, *arguments: str, port: int = 0):
+    process = start_upload_server(backend, directory, "--accept-replication", *arguments)
+    if port:
+        process.command[process.command.index("--port") + 1] = str(port)
+    return process
+
+
+def start_primary(backend: str, directory: str, replica, mode: str, *arguments: str):
+    return start_upload_server(backend, directory, "--replica", replica.url, "--replication", mode, *arguments)
+
+
+def restart_replica(backend: str, directory: str, port: int):
+    """Start the replica again on ``port``, retrying while the stopped one's port is still being released."""
+    started = []
+
+    def try_to_start() -> bool:
+        process = start_replica(backend, directory, port=port)
+        try:
+            process.start()
+        except AssertionError:
+            return False
+        started.append(process)
+        return True
+    assert wait_until(try_to_start, timeout=10, interval=0.1), f"could not restart the replica on port {port}"
+    return started[0]
+
+
+class StoppableReplica:
+    """A replica a test stops and starts again on the same port and directory; ``close()`` whatever its state."""
+
+    def __init__(self, backend: str, directory: str):
+        self.backend, self.directory = backend, directory
+        self.process = start_replica(backend, directory)
+        self.process.start()
+        self.port = self.process.port
+
+    def stop(self) -> None:
+        assert self.process.stop() == 0, self.process.stderr_text
+        self.process.close()
+
+    def restart(self) -> None:
+        self.process = restart_replica(self.backend, self.directory, self.port)
+
+    def close(self) -> None:
+        self.process.close()
+
+
+def replica_stats(server) -> dict:
+    status, _, body = tus(server, "GET", "/stats")
+    assert status == 200, body
+    return json.loads(body)["replication"]["replicas"][0]
+
+
+def upload_with_client(server, source: str, *arguments: str, timeout: float = 60) -> str:
+    done = subprocess.run([sys.executable, str(CLIENT), "--port", str(server.port), source, *arguments],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    assert "verified=yes" in done.stdout
+    return done.stdout.split()[1]  # "uploaded /files/ID ..."
+
+
+def download_sha256(server, path: str) -> str:
+    status, _, body = tus(server, "GET", path)
+    assert status == 200
+    return hashlib.sha256(body).hexdigest()
+
+
+# -- sync ---------------------------------------------------------------------------------------------------------------
+
+def test_sync_every_acknowledged_chunk_is_on_the_replica(backend_name, fast_dir):
+    source = random_file(fast_dir, 3 * MIB + 123, f"sync-{backend_name}.bin")
+    with start_replica(backend_name, os.path.join(fast_dir, f"replica-{backend_name}")) as replica, \
+            start_primary(backend_name, os.path.join(fast_dir, f"primary-{backend_name}"), replica, "sync") as primary:
+        path = upload_with_client(primary, source, "--chunk-size", str(256 * KIB))
+        assert download_sha256(replica, path) == sha256_of(source)  # the same path on the replica
+        parts = upload_with_client(primary, source, "--parts", "3", "--parallel", "3", "--chunk-size", str(512 * KIB))
+        assert download_sha256(replica, parts) == sha256_of(source)  # a final upload, joined on the replica too
+        stats = replica_stats(primary)
+        assert stats["up"] and stats["lag_bytes"] == 0 and stats["shipped_bytes"] >= 2 * (3 * MIB)
+        status, _, _ = tus(primary, "DELETE", path)
+        assert status == 204 and tus(replica, "HEAD", path)[0] == 404
+
+
+def test_sync_replica_down_is_503_and_the_chunk_is_taken_back(backend_name, fast_dir):
+    replica = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-down-{backend_name}"))
+    try:
+        with start_primary(backend_name, os.path.join(fast_dir, f"primary-down-{backend_name}"), replica.process,
+                           "sync", "--replica-timeout", "2") as primary:
+            path = create(primary, 300)
+            assert patch(primary, path, 0, b"a" * 100)[0] == 204
+            replica.stop()
+            status, headers, body = patch(primary, path, 100, b"b" * 100)
+            assert status == 503 and "retry-after" in headers, body
+            assert offset_of(primary, path) == 100  # nothing acknowledged, nothing shown
+            assert patch(primary, path, 100, b"b" * 100)[0] == 503
+            replica.restart()
+            assert patch(primary, path, 100, b"b" * 100)[0] == 204  # it caught up at the next chunk
+            assert patch(primary, path, 200, b"c" * 100)[0] == 204
+            assert offset_of(replica.process, path) == 300
+            assert tus(replica.process, "GET", path)[2] == b"a" * 100 + b"b" * 100 + b"c" * 100
+    finally:
+        replica.close()
+
+
+def test_sync_replica_that_never_answers_is_503_within_the_timeout(backend_name, fast_dir):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog) and never answers
+    held = []
+    stop = threading.Event()
+
+    def hold():
+        silent.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                pass
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        with start_upload_server(backend_name, os.path.join(fast_dir, f"primary-silent-{backend_name}"),
+                                 "--replica", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                                 "--replica-timeout", "0.5") as primary:
+            started = time.monotonic()
+            status, headers, body = tus(primary, "POST", "/files", {"Upload-Length": "10"})
+            assert status == 503 and "retry-after" in headers, body
+            assert time.monotonic() - started < 3
+            assert json.loads(tus(primary, "GET", "/stats")[2])["uploads"] == 0  # the creation was undone
+    finally:
+        stop.set()
+        thread.join(5)
+        for connection in held:
+            connection.close()
+        silent.close()
+
+
+# -- async --------------------------------------------------------------------------------------------------------------
+
+def test_async_replica_follows_and_the_lag_falls_to_zero(backend_name, fast_dir):
+    source = random_file(fast_dir, 4 * MIB, f"async-{backend_name}.bin")
+    with start_replica(backend_name, os.path.join(fast_dir, f"replica-async-{backend_name}")) as replica, \
+            start_primary(backend_name, os.path.join(fast_dir, f"primary-async-{backend_name}"), replica,
+                          "async") as primary:
+        path = upload_with_client(primary, source, "--chunk-size", str(256 * KIB))
+        assert wait_until(lambda: replica_stats(primary)["lag_bytes"] == 0, timeout=10)
+        stats = replica_stats(primary)
+        assert stats["lag_seconds"] == 0 and stats["up"]
+        assert download_sha256(replica, path) == sha256_of(source)
+
+
+def test_async_backlog_is_bounded_and_a_returning_replica_catches_up(backend_name, fast_dir):
+    replica = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-away-{backend_name}"))
+    try:
+        with start_primary(backend_name, os.path.join(fast_dir, f"primary-away-{backend_name}"), replica.process,
+                           "async", "--replica-backlog-bytes", str(256 * KIB), "--replica-timeout", "1") as primary:
+            first = create(primary, 600 * KIB)
+            assert patch(primary, first, 0, b"x" * (100 * KIB))[0] == 204
+            assert wait_until(lambda: replica_stats(primary)["lag_bytes"] == 0, timeout=10)
+            replica.stop()
+            second = create(primary, 10)  # created while the replica is away
+            offset = 100 * KIB
+            statuses = []
+            for _ in range(5):
+                status, headers, _ = patch(primary, first, offset, b"y" * (100 * KIB))
+                statuses.append(status)
+                if status == 204:
+                    offset += 100 * KIB
+                else:
+                    assert status == 503 and "retry-after" in headers
+            assert statuses[:3] == [204, 204, 204] and 503 in statuses  # bounded: full past 256 KiB
+            stats = replica_stats(primary)
+            assert not stats["up"] and stats["lag_bytes"] >= 256 * KIB and stats["lag_seconds"] > 0
+            replica.restart()
+            assert wait_until(lambda: replica_stats(primary)["lag_bytes"] == 0, timeout=15)
+            assert offset_of(replica.process, first) == offset == offset_of(primary, first)
+            assert offset_of(replica.process, second) == 0
+            assert patch(primary, first, offset, b"z" * 10)[0] == 204  # and it serves again
+    finally:
+        replica.close()
+
+
+# -- the replica's headers ----------------------------------------------------------------------------------------------
+
+def test_upload_id_and_rewind_only_for_a_replica(backend_name, fast_dir):
+    upload_id = "ab" * 16
+    with start_replica(backend_name, os.path.join(fast_dir, f"replica-headers-{backend_name}")) as replica, \
+            start_upload_server(backend_name, os.path.join(fast_dir, f"plain-{backend_name}")) as plain:
+        assert create(plain, 10, **{"Iokit-Upload-Id": upload_id}) != f"/files/{upload_id}"
+        path = create(replica, 10, **{"Iokit-Upload-Id": upload_id})
+        assert path == f"/files/{upload_id}"
+        assert create(replica, 10, **{"Iokit-Upload-Id": upload_id}) == path  # asked again: the same upload
+        assert tus(replica, "POST", "/files", {"Upload-Length": "11", "Iokit-Upload-Id": upload_id})[0] == 409
+        assert tus(replica, "POST", "/files", {"Upload-Length": "1", "Iokit-Upload-Id": "../x"})[0] == 400
+        assert patch(replica, path, 0, b"abcdef")[0] == 204
+        assert patch(replica, path, 2, b"XY")[0] == 409
+        assert patch(replica, path, 2, b"XY", **{"Iokit-Rewind": "1"})[0] == 204
+        assert offset_of(replica, path) == 4
+        assert patch(replica, path, 4, b"123456")[0] == 204
+        assert tus(replica, "GET", path)[2] == b"abXY123456"
+
+
+# -- the proof: kill -9 the primary, delete its storage, resume on the replica ------------------------------------------
+
+def kill_primary_trial(backend: str, mode: str, work: str, seed: int) -> dict:
+    """Upload through the primary, kill -9 it at a random point, delete its storage; the client fails over to the
+    replica and finishes. Return the figures: what the primary acknowledged, where the replica resumed, the loss."""
+    rng = random.Random(seed)
+    kill_after = int(rng.uniform(0.1, 0.9) * TRIAL_UPLOAD_BYTES)
+    extra_delay = rng.uniform(0.0, TRIAL_CHUNK_BYTES / (TRIAL_RATE_MIB_PER_S * MIB))
+    primary_dir = os.path.join(work, f"primary-{mode}-{seed}")
+    source = random_file(work, TRIAL_UPLOAD_BYTES, f"source-{mode}-{seed}.bin")
+    ack_log = os.path.join(work, f"acks-{mode}-{seed}.log")
+    replica = start_replica(backend, os.path.join(work, f"replica-{mode}-{seed}"))
+    replica.start()
+    primary = start_primary(backend, primary_dir, replica, mode)
+    client = None
+    try:
+        primary.start()
+        client = subprocess.Popen([sys.executable, str(CLIENT), "--port", str(primary.port), source,
+                                   "--chunk-size", str(TRIAL_CHUNK_BYTES), "--rate", str(TRIAL_RATE_MIB_PER_S),
+                                   "--ack-log", ack_log, "--retry-seconds", "30",
+                                   "--failover", f"127.0.0.1:{replica.port}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait_until(lambda: os.path.exists(ack_log) and any(
+            offset >= kill_after for _, _, offset, _ in read_ack_log(ack_log)), timeout=30)
+        time.sleep(extra_delay)
+        reported = replica_stats(primary) if mode == "async" else {"lag_bytes": 0}
+        reported_at = time.time()
+        killed_at = time.time()
+        assert primary.stop(signal.SIGKILL) == -signal.SIGKILL
+        shutil.rmtree(primary_dir)
+        output, errors = client.communicate(timeout=60)
+        assert client.returncode == 0 and "verified=yes" in output, errors
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        primary.close()
+        replica.close()
+    events = read_ack_log(ack_log)
+    first_resume = next(index for index, (event, when, _, _) in enumerate(events)
+                        if event == "resume" and when > killed_at)
+    acknowledged = max((offset for event, _, offset, _ in events[:first_resume] if event == "ack"), default=0)
+    acknowledged_after_report = acknowledged - max(
+        (offset for event, when, offset, _ in events[:first_resume] if event == "ack" and when <= reported_at),
+        default=0)
+    resumed = events[first_resume][2]
+    return {"seed": seed, "kill_after": kill_after, "acknowledged": acknowledged, "resumed": resumed,
+            "lost": max(0, acknowledged - resumed), "reported_lag": reported["lag_bytes"],
+            "acknowledged_after_report": acknowledged_after_report}
+
+
+def run_kill_trials(backend: str, mode: str, trials: int, tmp_path) -> list[dict]:
+    base_seed = int(os.environ.get("IOKIT_REPLICATION_SEED", time.time_ns() % 1_000_000))
+    results = [kill_primary_trial(backend, mode, str(tmp_path), base_seed + number) for number in range(trials)]
+    for result in results:
+        print(f"\nkill -9 primary {backend}/{mode}: {result}")
+    lost = [result["lost"] for result in results]
+    print(f"\nkill -9 primary {backend}/{mode}: {trials} trials, seeds {base_seed}..{base_seed + trials - 1}, "
+          f"lost bytes per trial {lost}")
+    return results
+
+
+def trial_counts(ci_trials: int, full_trials: int) -> list:
+    """A few trials in the fast set, the full count in the slow one."""
+    return [pytest.param(ci_trials, id=f"{ci_trials}-trials"),
+            pytest.param(full_trials, id=f"{full_trials}-trials", marks=pytest.mark.slow)]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("trials", trial_counts(SYNC_CI_TRIALS, SYNC_FULL_TRIALS))
+@pytest.mark.parametrize("backend", KILL_BACKEND_PARAMS)
+def test_sync_kill_9_primary_loses_no_acknowledged_byte(backend, trials, tmp_path):
+    results = run_kill_trials(backend, "sync", trials, tmp_path)
+    assert not [result for result in results if result["lost"]], results
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("trials", trial_counts(ASYNC_CI_TRIALS, ASYNC_FULL_TRIALS))
+@pytest.mark.parametrize("backend", KILL_BACKEND_PARAMS)
+def test_async_kill_9_primary_loses_at_most_the_reported_lag(backend, trials, tmp_path):
+    results = run_kill_trials(backend, "async", trials, tmp_path)
+    over = [result for result in results
+            if result["lost"] > result["reported_lag"] + result["acknowledged_after_report"]]
+    assert not over, results
