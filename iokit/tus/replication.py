@@ -54,6 +54,7 @@ UPLOAD_ID_HEADER = "Iokit-Upload-Id"
 REWIND_HEADER = "Iokit-Rewind"
 DEFAULT_REPLICA_TIMEOUT = 5.0
 DEFAULT_MAX_BACKLOG_BYTES = 64 * 1024 * 1024
+STOP_DRAIN_SECONDS = 5.0              # async mode: how long a clean stop waits for the replicas to take the backlog
 SHIPMENT_BYTES = 4 * 1024 * 1024     # one replication PATCH carries at most this much (a catch-up is several)
 READ_PIECE_BYTES = 1024 * 1024
 RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0)  # async sender: pauses after successive failures (the last one repeats)
@@ -208,10 +209,18 @@ class ReplicaLink:
         self.work_arrived.set()
 
     def lag(self) -> tuple[int, float]:
-        """Return (bytes accepted by the primary and not yet on this replica, seconds the oldest of them waits)."""
+        """Return (bytes accepted by the primary and not confirmed by this replica, seconds the oldest unshipped
+        chunk waits). The bytes count from ``confirmed``, not from the backlog's entries: after a restart of either
+        side the replica may be further behind than the chunks queued since, and the lag must not hide it (it is an
+        upper bound of what losing the primary now would lose)."""
         with self.backlog_lock:
             oldest = self.backlog[0].enqueued_at if self.backlog else None
-            return self.backlog_bytes, 0.0 if oldest is None else max(0.0, time.time() - oldest)
+            wanted: dict[str, int] = {}
+            for entry in self.backlog:
+                if not entry.delete:
+                    wanted[entry.upload.id] = max(wanted.get(entry.upload.id, 0), entry.end)
+        behind = sum(max(0, end - self.confirmed.get(upload_id, 0)) for upload_id, end in wanted.items())
+        return behind, 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     async def run_sender(self) -> None:
         """Ship the backlog in order, until cancelled; after a failure, pause and try the same entry again."""
@@ -282,7 +291,7 @@ class Replication:
             try:
                 with iokit.fail_after(self.timeout):
                     await work(link)
-            except (ReplicaFailed, TimeoutError) as error:
+            except (ReplicaFailed, TimeoutError, HttpError) as error:  # HttpError: a final's part is gone here
                 failures.append(f"{link.url}: {error or 'timed out'}")
                 link.up, link.last_error = False, str(error) or "timed out"
 
@@ -333,6 +342,16 @@ class Replication:
                 if iokit.current_time() >= deadline and link.backlog_bytes > self.max_backlog_bytes:
                     raise _unavailable(f"replica {link.url} is {link.backlog_bytes} bytes behind; slow down",
                                        self.timeout)
+
+    async def drain(self, seconds: float) -> None:
+        """Async mode, at a clean stop: wait (at most ``seconds``) until every replica has the whole backlog."""
+        with iokit.move_on_after(seconds):
+            for link in self.links:
+                while link.backlog:
+                    room_made = link.room_made
+                    if not link.backlog:
+                        break
+                    await room_made.wait()
 
     async def run(self) -> None:
         """Run until cancelled: async mode's senders (after queueing every upload the store holds, so a restarted

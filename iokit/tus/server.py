@@ -25,7 +25,7 @@ import iokit
 from ..http import App, HttpError, HttpLimits, HttpServer, Response
 from . import protocol
 from .protocol import TUS_VERSION, tus_error, upload_path
-from .replication import REWIND_HEADER, UPLOAD_ID_HEADER, Replication
+from .replication import REWIND_HEADER, STOP_DRAIN_SECONDS, UPLOAD_ID_HEADER, Replication
 from .store import Upload, UploadStore
 
 
@@ -186,6 +186,8 @@ async def store_lifespan(store: UploadStore, replication: Replication | None = N
             if replication is not None:
                 tasks.spawn(replication.run, name="replication")
             yield
+            if replication is not None:  # the clients are gone: give the replicas what they have not got yet
+                await replication.drain(STOP_DRAIN_SECONDS)
             tasks.cancel_scope.cancel()
     finally:
         try:
