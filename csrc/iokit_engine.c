@@ -367,6 +367,13 @@ typedef struct Conn {
 	struct msghdr msg;
 	struct Conn *next_dirty;
 	struct Conn *next_dead;
+	/* Protocol mode (attach_protocol): the engine calls the protocol's methods itself, as uvloop does. */
+	PyObject *protocol, *on_data, *on_eof, *on_lost, *on_pause, *on_resume, *on_closed;
+	PyObject *owner;             /* the task the callbacks run as (iokit.current_task() inside them) */
+	PyObject *transport;
+	PyObject *lost_error;        /* what connection_lost() gets: the exception that ended the connection, or NULL */
+	Py_ssize_t high_water, low_water;
+	unsigned reading_paused : 1, writing_paused : 1, want_read : 1;
 } Conn;
 
 /* ---------------------------------------------------------------------------------------------------------------- */
@@ -403,6 +410,7 @@ typedef struct {
 
 static void run_task(Loop *L, TaskBase *task, PyObject *value, PyObject *exc);
 static void note_error(Loop *L);
+static PyObject *raise_pending(Loop *L);
 
 static Conn *conn_get(Loop *L, int fd)
 {
@@ -471,8 +479,23 @@ static void segments_drop(Conn *c)
 	c->send_segments = 0;
 }
 
+static void protocol_release(Conn *c)
+{
+	Py_CLEAR(c->protocol);
+	Py_CLEAR(c->on_data);
+	Py_CLEAR(c->on_eof);
+	Py_CLEAR(c->on_lost);
+	Py_CLEAR(c->on_pause);
+	Py_CLEAR(c->on_resume);
+	Py_CLEAR(c->on_closed);
+	Py_CLEAR(c->owner);
+	Py_CLEAR(c->transport);
+	Py_CLEAR(c->lost_error);
+}
+
 static void conn_free(Conn *c)
 {
+	protocol_release(c);
 	segments_drop(c);
 	PyMem_Free(c->segs);
 	PyMem_Free(c->iov);
@@ -873,6 +896,7 @@ static int fill_iov(Conn *c)
 /* The queue moved (sent, or failed): wake a writer below the low-water mark and a closer or shutdown waiting for an
  * empty queue. Runs Python. */
 static void after_send_progress(Loop *L, Conn *c);
+static PyObject *protocol_call_method(Loop *L, Conn *c, PyObject *method, PyObject *arg);
 
 static void fail_conn(Loop *L, Conn *c, int err)
 {
@@ -924,6 +948,10 @@ static void after_send_progress(Loop *L, Conn *c)
 	if (c->shut_write && !c->shut_done && !c->unsent && !c->send_in_flight) {
 		c->shut_done = 1;
 		shutdown(c->fd, SHUT_WR);
+	}
+	if (c->protocol && c->writing_paused && c->unsent <= c->low_water && !c->dead) {
+		c->writing_paused = 0;
+		Py_XDECREF(protocol_call_method(L, c, c->on_resume, NULL));
 	}
 	if (c->writer && c->unsent <= SEND_LOW_WATER) {
 		Trap *writer = c->writer;
@@ -995,12 +1023,18 @@ static void close_now(Loop *L, Conn *c, Trap *t)
 }
 
 /* A parked closer goes on once the Conn may close. */
+static void protocol_closed(Loop *L, Conn *c);
+
 static void try_finish_close(Loop *L, Conn *c)
 {
 	Trap *closer = c->closer;
 
-	if (!closer || c->dead || !ready_to_close(L, c))
+	if (c->dead || !c->closing || !(closer || c->protocol) || !ready_to_close(L, c))
 		return;
+	if (c->protocol) {
+		protocol_closed(L, c);
+		return;
+	}
 	c->closer = NULL;
 	close_now(L, c, closer);
 	complete_and_wake(L, closer);
@@ -1046,7 +1080,7 @@ static void uring_flush(Loop *L, Conn *c)
 		}
 		c->want_cancel = 0;
 	}
-	if (c->want_recv && !c->recv_armed && !c->closing) {
+	if (c->want_recv && !c->recv_armed && !c->closing && !c->reading_paused) {
 		if (!(sqe = engine_sqe(L)))
 			return;
 		io_uring_prep_recv_multishot(sqe, c->fd, NULL, 0, 0);
@@ -1106,6 +1140,8 @@ static int flush_needed(const Loop *L, const Conn *c)
 
 /* Before each wait: every Conn that queued something gets its syscall (epoll) or SQE (uring). Conns whose SQEs found
  * no room stay on the list for the next turn. */
+static void protocol_resume_input(Loop *L, Conn *c);
+
 static void flush_all(Loop *L)
 {
 	Conn *c = L->dirty, *keep = NULL;
@@ -1115,6 +1151,10 @@ static void flush_all(Loop *L)
 		Conn *next = c->next_dirty;
 
 		c->dirty = 0;
+		if (!c->dead && c->want_read) {
+			c->want_read = 0;
+			protocol_resume_input(L, c); /* resume_reading(): what waited, then the socket again */
+		}
 		if (c->dead) {
 			/* buried at the end of the turn */
 		} else if (L->mode == MODE_EPOLL) {
@@ -1431,11 +1471,17 @@ static void run_task(Loop *L, TaskBase *task, PyObject *value, PyObject *exc)
 
 /* --- completions ------------------------------------------------------------------------------------------------- */
 
+static void protocol_uring_recv(Loop *L, Conn *c, const struct io_uring_cqe *cqe, int more);
+
 static void uring_recv_completion(Loop *L, Conn *c, const struct io_uring_cqe *cqe, int more)
 {
 	Trap *reader = c->reader;
 	int res = cqe->res;
 
+	if (c->protocol) {
+		protocol_uring_recv(L, c, cqe, more);
+		return;
+	}
 	if (!more)
 		c->recv_armed = 0;
 	if (res > 0) {
@@ -1563,6 +1609,207 @@ static void uring_completion(void *engine, const struct io_uring_cqe *cqe)
 		try_finish_close(L, c);
 }
 
+/* --- protocols --------------------------------------------------------------------------------------------------- */
+
+static void protocol_abort(Loop *L, Conn *c);
+static void protocol_fail(Loop *L, Conn *c, int err);
+
+/* Call a protocol method (NULL: the protocol has none) as the Conn's owner task. An exception it raises is reported
+ * (sys.unraisablehook) and ends the connection: connection_lost() gets it, as asyncio does. Returns the result. */
+static PyObject *protocol_call_method(Loop *L, Conn *c, PyObject *method, PyObject *arg)
+{
+	PyObject *previous, *result;
+
+	if (!method)
+		return NULL;
+	previous = set_current(c->owner);
+	Py_INCREF(method);
+	result = arg ? PyObject_CallOneArg(method, arg) : PyObject_CallNoArgs(method);
+	restore_current(previous);
+	if (!result) {
+		PyObject *type, *value, *tb;
+
+		PyErr_Fetch(&type, &value, &tb);
+		PyErr_NormalizeException(&type, &value, &tb);
+		if (value && tb)
+			PyException_SetTraceback(value, tb);
+		if (!c->dead && !c->lost_error && value)
+			c->lost_error = Py_NewRef(value);
+		PyErr_Restore(type, value, tb);
+		PyErr_WriteUnraisable(method);
+		if (!c->dead)
+			protocol_abort(L, c);
+	}
+	Py_DECREF(method);
+	return result;
+}
+
+/* data_received(bytes); `bytes` is stolen (NULL: no memory for it, which ends the connection). */
+static void protocol_data(Loop *L, Conn *c, PyObject *bytes)
+{
+	if (!bytes) {
+		PyErr_Clear();
+		protocol_fail(L, c, ENOMEM);
+		return;
+	}
+	Py_XDECREF(protocol_call_method(L, c, c->on_data, bytes));
+	Py_DECREF(bytes);
+}
+
+/* The peer closed its side: eof_received() says whether to keep the transport open (half-closed); if not, close. */
+static void protocol_eof(Loop *L, Conn *c)
+{
+	PyObject *keep;
+
+	c->eof = 1;
+	if (c->closing || c->dead)
+		return;
+	keep = protocol_call_method(L, c, c->on_eof, NULL);
+	if (!c->dead && !c->closing && !(keep && PyObject_IsTrue(keep) == 1)) {
+		c->closing = 1;
+		try_finish_close(L, c);
+	}
+	Py_XDECREF(keep);
+}
+
+static void protocol_fail(Loop *L, Conn *c, int err)
+{
+	if (!c->lost_error && !(c->lost_error = os_error(err)))
+		PyErr_Clear();
+	if (!c->error)
+		c->error = err;
+	protocol_abort(L, c);
+}
+
+/* Close at once: the queue is dropped (what a send in flight holds stays until its CQE), the fd is closed as soon as
+ * no request of ours holds it, and connection_lost() follows. */
+static void protocol_abort(Loop *L, Conn *c)
+{
+	if (c->dead)
+		return;
+	c->send_broken = 1;
+	c->closing = 1;
+	try_finish_close(L, c);
+}
+
+/* The fd may close: close it, then connection_lost() once, then the bookkeeping callback; the Conn lets go. */
+static void protocol_closed(Loop *L, Conn *c)
+{
+	PyObject *lost = c->on_lost, *closed = c->on_closed, *transport = c->transport, *owner = c->owner;
+	PyObject *error = c->lost_error;
+	PyObject *previous, *r;
+
+	if (c->registered)
+		epoll_ctl(L->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+	close(c->fd);
+	c->on_lost = c->on_closed = c->transport = c->owner = c->lost_error = NULL;
+	conn_retire(L, c);
+	protocol_release(c);
+	previous = set_current(owner);
+	if (lost) {
+		r = PyObject_CallOneArg(lost, error ? error : Py_None);
+		if (!r)
+			PyErr_WriteUnraisable(lost);
+		Py_XDECREF(r);
+	}
+	if (closed) {
+		r = PyObject_CallOneArg(closed, transport ? transport : Py_None);
+		if (!r)
+			PyErr_WriteUnraisable(closed);
+		Py_XDECREF(r);
+	}
+	restore_current(previous);
+	Py_XDECREF(error);
+	Py_XDECREF(lost);
+	Py_XDECREF(closed);
+	Py_XDECREF(transport);
+	Py_XDECREF(owner);
+}
+
+/*
+ * epoll: read until the socket is empty, or paused. A short read says the socket was empty when it ran, and every
+ * later arrival makes a new edge, so it can stop there, saving the recv that would say EAGAIN; not when the event
+ * said the peer closed (`peer_closed`: the FIN is already queued, and no new edge will announce it) nor when called
+ * without an event (resume_reading), which read until EAGAIN or the end.
+ */
+static void protocol_epoll_read(Loop *L, Conn *c, int short_read_ends)
+{
+	while (!c->dead && !c->closing && !c->reading_paused) {
+		ssize_t n = recv(c->fd, L->scratch, SCRATCH_BYTES, 0);
+
+		if (n > 0) {
+			protocol_data(L, c, PyBytes_FromStringAndSize(L->scratch, n));
+			if (short_read_ends && n < SCRATCH_BYTES)
+				return;
+			continue;
+		}
+		if (n == 0) {
+			protocol_eof(L, c);
+			return;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN)
+			protocol_fail(L, c, errno);
+		return;
+	}
+}
+
+static void protocol_uring_recv(Loop *L, Conn *c, const struct io_uring_cqe *cqe, int more)
+{
+	int res = cqe->res;
+
+	if (!more)
+		c->recv_armed = 0;
+	if (res > 0) {
+		unsigned id = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+		const char *data = L->ring->buffers + (size_t)id * L->ring->buffer_size;
+		PyObject *bytes = NULL;
+
+		/* Bytes that come after pause_reading() (the kernel had them before our cancel) wait for resume_reading. */
+		if (!c->closing && c->reading_paused) {
+			if (rq_append(c, data, res) < 0)
+				c->error = ENOMEM;
+		} else if (!c->closing) {
+			bytes = PyBytes_FromStringAndSize(data, res);
+		}
+		iokit_ring_return_buffer(L->ring, id); /* copied out: the kernel may have it back before Python runs */
+		if (bytes || (!c->closing && !c->reading_paused))
+			protocol_data(L, c, bytes);
+	} else if (res == 0) {
+		protocol_eof(L, c);
+	} else if (res != -ENOBUFS && res != -ECANCELED) {
+		protocol_fail(L, c, -res);
+	}
+	if (!c->dead && !c->recv_armed && !c->closing && !c->reading_paused && !c->eof && !c->error) {
+		c->want_recv = 1; /* the kernel stopped it (no buffer left, overflow, our pause): again */
+		mark_dirty(L, c);
+	}
+}
+
+/* resume_reading(): first what arrived while paused, then the socket. */
+static void protocol_resume_input(Loop *L, Conn *c)
+{
+	if (!c->protocol || c->reading_paused || c->closing)
+		return;
+	if (c->rq_len) {
+		PyObject *bytes = PyBytes_FromStringAndSize(c->rq + c->rq_start, c->rq_len);
+
+		c->rq_start = c->rq_len = 0;
+		protocol_data(L, c, bytes);
+	}
+	if (c->dead || c->closing || c->reading_paused)
+		return;
+	if (c->eof) {
+		protocol_eof(L, c);
+	} else if (L->mode == MODE_EPOLL) {
+		protocol_epoll_read(L, c, 0);
+	} else if (!c->recv_armed) {
+		c->want_recv = 1;
+		mark_dirty(L, c);
+	}
+}
+
 static void epoll_event(Loop *L, uint64_t data, uint32_t events)
 {
 	int fd = (int)(uint32_t)data;
@@ -1574,7 +1821,9 @@ static void epoll_event(Loop *L, uint64_t data, uint32_t events)
 		return;
 	}
 	L->completions++;
-	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+	if (c->protocol && (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
+		protocol_epoll_read(L, c, !(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)));
+	} else if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
 		while (!c->dead && (t = c->acceptor) && epoll_try_accept(t)) {
 			acceptor_pop(c);
 			complete_and_wake(L, t);
@@ -1595,6 +1844,363 @@ static void epoll_event(Loop *L, uint64_t data, uint32_t events)
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* Loop's Python face                                                                                                */
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* Transport: the protocol's handle on its connection (asyncio's Transport methods)                                  */
+
+#define DEFAULT_HIGH_WATER (64 * 1024) /* asyncio's defaults */
+
+typedef struct {
+	PyObject_HEAD
+	PyObject *loop;       /* the Loop (strong) */
+	int fd;
+	uint32_t gen;
+	PyObject *extra;      /* what get_extra_info() answers from */
+	int closed_by_user;   /* close() was called: a later write() is the caller's mistake, and says so */
+} Transport;
+
+static PyTypeObject TransportType;
+
+/* The Conn behind the transport, or NULL once the connection is gone. */
+static Conn *transport_conn(Transport *t)
+{
+	Conn *c = conn_get((Loop *)t->loop, t->fd);
+
+	return c && c->gen == t->gen && !c->dead && c->protocol ? c : NULL;
+}
+
+static void transport_dealloc(Transport *t)
+{
+	Py_XDECREF(t->loop);
+	Py_XDECREF(t->extra);
+	PyObject_Free(t);
+}
+
+static void check_write_limits(Loop *L, Conn *c)
+{
+	if (!c->writing_paused && c->unsent > c->high_water) {
+		c->writing_paused = 1;
+		Py_XDECREF(protocol_call_method(L, c, c->on_pause, NULL));
+	} else if (c->writing_paused && c->unsent <= c->low_water) {
+		c->writing_paused = 0;
+		Py_XDECREF(protocol_call_method(L, c, c->on_resume, NULL));
+	}
+}
+
+/* write(data): queued; the turn's flush sends it (with the connection's other writes of the turn, in one send). Past
+ * the high-water mark the protocol's pause_writing() is called, and resume_writing() once below the low one. After
+ * the connection is lost, writes are dropped (asyncio does so too); after close() they are an error. */
+static PyObject *transport_write(Transport *t, PyObject *data)
+{
+	Loop *L = (Loop *)t->loop;
+	Conn *c = transport_conn(t);
+	Py_buffer view;
+	int failed;
+
+	if (t->closed_by_user) {
+		PyErr_SetString(PyExc_RuntimeError, "write() after close()");
+		return NULL;
+	}
+	if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (!c || c->error || c->send_broken || c->shut_write) {
+		PyBuffer_Release(&view);
+		Py_RETURN_NONE;
+	}
+	failed = enqueue(c, data, view.buf, view.len) < 0;
+	PyBuffer_Release(&view);
+	if (failed)
+		return PyErr_NoMemory();
+	mark_dirty(L, c);
+	check_write_limits(L, c);
+	Py_RETURN_NONE;
+}
+
+static PyObject *transport_writelines(Transport *t, PyObject *iterable)
+{
+	PyObject *iterator = PyObject_GetIter(iterable), *item;
+
+	if (!iterator)
+		return NULL;
+	while ((item = PyIter_Next(iterator))) {
+		PyObject *r = transport_write(t, item);
+
+		Py_DECREF(item);
+		if (!r) {
+			Py_DECREF(iterator);
+			return NULL;
+		}
+		Py_DECREF(r);
+	}
+	Py_DECREF(iterator);
+	if (PyErr_Occurred())
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+/* close(): the queued bytes leave first, then the fd closes and connection_lost(None) is called. */
+static PyObject *transport_close(Transport *t, PyObject *unused)
+{
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	t->closed_by_user = 1;
+	if (c && !c->closing) {
+		c->closing = 1;
+		try_finish_close((Loop *)t->loop, c);
+	}
+	Py_RETURN_NONE;
+}
+
+/* abort(): close now; what is queued is dropped. */
+static PyObject *transport_abort(Transport *t, PyObject *unused)
+{
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	if (c)
+		protocol_abort((Loop *)t->loop, c);
+	Py_RETURN_NONE;
+}
+
+/* write_eof(): end of stream to the peer once the queue is empty; reading goes on. */
+static PyObject *transport_write_eof(Transport *t, PyObject *unused)
+{
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	if (c && !c->shut_write) {
+		c->shut_write = 1;
+		after_send_progress((Loop *)t->loop, c);
+	}
+	Py_RETURN_NONE;
+}
+
+static PyObject *transport_can_write_eof(Transport *t, PyObject *unused)
+{
+	(void)t;
+	(void)unused;
+	Py_RETURN_TRUE;
+}
+
+static PyObject *transport_is_closing(Transport *t, PyObject *unused)
+{
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	return PyBool_FromLong(!c || c->closing);
+}
+
+static PyObject *transport_pause_reading(Transport *t, PyObject *unused)
+{
+	Loop *L = (Loop *)t->loop;
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	if (c && !c->closing && !c->reading_paused) {
+		c->reading_paused = 1;
+		if (L->mode == MODE_URING && c->recv_armed && !c->recv_cancel_sent) {
+			c->want_cancel = 1; /* the kernel keeps what comes next: backpressure reaches the peer */
+			mark_dirty(L, c);
+		}
+	}
+	Py_RETURN_NONE;
+}
+
+static PyObject *transport_resume_reading(Transport *t, PyObject *unused)
+{
+	Loop *L = (Loop *)t->loop;
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	if (c && !c->closing && c->reading_paused) {
+		c->reading_paused = 0;
+		c->want_read = 1; /* at the turn's flush: not from inside the caller's data_received */
+		mark_dirty(L, c);
+	}
+	Py_RETURN_NONE;
+}
+
+static PyObject *transport_is_reading(Transport *t, PyObject *unused)
+{
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	return PyBool_FromLong(c && !c->closing && !c->reading_paused);
+}
+
+static PyObject *transport_get_write_buffer_size(Transport *t, PyObject *unused)
+{
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	return PyLong_FromSsize_t(c ? c->unsent : 0);
+}
+
+static PyObject *transport_get_write_buffer_limits(Transport *t, PyObject *unused)
+{
+	Conn *c = transport_conn(t);
+
+	(void)unused;
+	return Py_BuildValue("(nn)", c ? c->low_water : 0, c ? c->high_water : DEFAULT_HIGH_WATER);
+}
+
+/* set_write_buffer_limits(high=None, low=None), with asyncio's defaults: 64 KiB, and low = high / 4. */
+static PyObject *transport_set_write_buffer_limits(Transport *t, PyObject *args, PyObject *kwds)
+{
+	static char *kwlist[] = {"high", "low", NULL};
+	PyObject *high_obj = Py_None, *low_obj = Py_None;
+	Py_ssize_t high, low;
+	Conn *c = transport_conn(t);
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO", kwlist, &high_obj, &low_obj))
+		return NULL;
+	low = low_obj == Py_None ? -1 : PyLong_AsSsize_t(low_obj);
+	if (low == -1 && PyErr_Occurred())
+		return NULL;
+	high = high_obj == Py_None ? (low < 0 ? DEFAULT_HIGH_WATER : 4 * low) : PyLong_AsSsize_t(high_obj);
+	if (high == -1 && PyErr_Occurred())
+		return NULL;
+	if (low < 0)
+		low = high / 4;
+	if (!(high >= low && low >= 0)) {
+		PyErr_Format(PyExc_ValueError, "high (%zd) must be >= low (%zd) must be >= 0", high, low);
+		return NULL;
+	}
+	if (c) {
+		c->high_water = high;
+		c->low_water = low;
+		check_write_limits((Loop *)t->loop, c);
+	}
+	Py_RETURN_NONE;
+}
+
+static PyObject *transport_get_extra_info(Transport *t, PyObject *args)
+{
+	PyObject *name, *fallback = Py_None, *value;
+
+	if (!PyArg_ParseTuple(args, "O|O", &name, &fallback))
+		return NULL;
+	value = t->extra ? PyDict_GetItemWithError(t->extra, name) : NULL;
+	if (!value && PyErr_Occurred())
+		return NULL;
+	return Py_NewRef(value ? value : fallback);
+}
+
+static PyObject *transport_fileno(Transport *t, PyObject *unused)
+{
+	(void)unused;
+	return PyLong_FromLong(transport_conn(t) ? t->fd : -1);
+}
+
+static PyMethodDef transport_methods[] = {
+	{"write", (PyCFunction)transport_write, METH_O, "write(data): queue data to send"},
+	{"writelines", (PyCFunction)transport_writelines, METH_O, "writelines(iterable): write each"},
+	{"write_eof", (PyCFunction)transport_write_eof, METH_NOARGS, "end of stream to the peer, after the queue"},
+	{"can_write_eof", (PyCFunction)transport_can_write_eof, METH_NOARGS, "True: a TCP stream can half-close"},
+	{"close", (PyCFunction)transport_close, METH_NOARGS, "close once the queue has left; connection_lost follows"},
+	{"abort", (PyCFunction)transport_abort, METH_NOARGS, "close now, dropping the queue"},
+	{"is_closing", (PyCFunction)transport_is_closing, METH_NOARGS, NULL},
+	{"pause_reading", (PyCFunction)transport_pause_reading, METH_NOARGS, NULL},
+	{"resume_reading", (PyCFunction)transport_resume_reading, METH_NOARGS, NULL},
+	{"is_reading", (PyCFunction)transport_is_reading, METH_NOARGS, NULL},
+	{"get_write_buffer_size", (PyCFunction)transport_get_write_buffer_size, METH_NOARGS, NULL},
+	{"get_write_buffer_limits", (PyCFunction)transport_get_write_buffer_limits, METH_NOARGS, "-> (low, high)"},
+	{"set_write_buffer_limits", (PyCFunction)(void (*)(void))transport_set_write_buffer_limits,
+	 METH_VARARGS | METH_KEYWORDS, "set_write_buffer_limits(high=None, low=None)"},
+	{"get_extra_info", (PyCFunction)transport_get_extra_info, METH_VARARGS, "get_extra_info(name, default=None)"},
+	{"fileno", (PyCFunction)transport_fileno, METH_NOARGS, "the socket's fd, -1 once closed"},
+	{NULL},
+};
+
+static PyTypeObject TransportType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "iokit._engine.Transport",
+	.tp_basicsize = sizeof(Transport),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "A connection driven by the native engine, as a protocol sees it (asyncio's Transport methods).",
+	.tp_dealloc = (destructor)transport_dealloc,
+	.tp_methods = transport_methods,
+};
+
+static PyObject *optional_method(PyObject *protocol, const char *name)
+{
+	PyObject *method = PyObject_GetAttrString(protocol, name);
+
+	if (!method && PyErr_ExceptionMatches(PyExc_AttributeError))
+		PyErr_Clear();
+	return method;
+}
+
+/* attach_protocol(fd, protocol, owner, extra=None, on_closed=None): from now on the engine drives the connection and
+ * calls the protocol: connection_made(transport) now, then data_received(bytes) per chunk, eof_received(),
+ * pause_writing()/resume_writing(), and connection_lost(exc) once the fd is closed; on_closed(transport) after that. */
+static PyObject *loop_attach_protocol(PyObject *self, PyObject *args, PyObject *kwds)
+{
+	static char *kwlist[] = {"fd", "protocol", "owner", "extra", "on_closed", NULL};
+	Loop *L = (Loop *)self;
+	PyObject *protocol, *owner, *extra = Py_None, *on_closed = Py_None;
+	Transport *t;
+	Conn *c;
+	int fd;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOO|OO", kwlist, &fd, &protocol, &owner, &extra, &on_closed))
+		return NULL;
+	if (fd < 0)
+		return PyErr_Format(PyExc_ValueError, "fd must be >= 0, got %d", fd);
+	c = conn_for(L, fd);
+	if (!c)
+		return PyErr_SetFromErrno(PyExc_OSError);
+	if (c->protocol || c->reader || c->writer || c->acceptor || c->closing) {
+		PyErr_SetString(PyExc_RuntimeError, "this socket is in use by a stream or another protocol");
+		return NULL;
+	}
+	c->on_data = PyObject_GetAttrString(protocol, "data_received");
+	if (!c->on_data)
+		return NULL;
+	t = PyObject_New(Transport, &TransportType);
+	if (!t)
+		return NULL;
+	t->loop = Py_NewRef(self);
+	t->fd = fd;
+	t->gen = c->gen;
+	t->extra = extra == Py_None ? NULL : Py_NewRef(extra);
+	t->closed_by_user = 0;
+	c->protocol = Py_NewRef(protocol);
+	c->on_eof = optional_method(protocol, "eof_received");
+	c->on_lost = optional_method(protocol, "connection_lost");
+	c->on_pause = optional_method(protocol, "pause_writing");
+	c->on_resume = optional_method(protocol, "resume_writing");
+	c->on_closed = on_closed == Py_None ? NULL : Py_NewRef(on_closed);
+	c->owner = Py_NewRef(owner);
+	c->transport = Py_NewRef((PyObject *)t);
+	c->high_water = DEFAULT_HIGH_WATER;
+	c->low_water = DEFAULT_HIGH_WATER / 4;
+	{
+		PyObject *made = optional_method(protocol, "connection_made");
+
+		if (made) {
+			Py_XDECREF(protocol_call_method(L, c, made, (PyObject *)t));
+			Py_DECREF(made);
+		}
+	}
+	if (!c->dead && !c->closing) {
+		if (L->mode == MODE_URING) {
+			c->want_recv = 1;
+		} else if (c->registered) {
+			c->want_read = 1; /* no new edge will come for what is already there */
+		} else if (epoll_register(L, c) < 0) {
+			protocol_fail(L, c, errno);
+		}
+		if (!c->dead)
+			mark_dirty(L, c);
+	}
+	if (L->pending_error) {
+		Py_DECREF(t);
+		return raise_pending(L);
+	}
+	return (PyObject *)t;
+}
 
 static PyTypeObject LoopType;
 
@@ -2108,6 +2714,9 @@ static PyMethodDef loop_methods[] = {
 	{"forget", (PyCFunction)loop_forget, METH_O, "forget(fd)"},
 	{"turn", (PyCFunction)loop_turn, METH_O, "turn(timeout)"},
 	{"drain", (PyCFunction)loop_drain, METH_NOARGS, "drain() -> engine requests still in flight"},
+	{"attach_protocol", (PyCFunction)(void (*)(void))loop_attach_protocol, METH_VARARGS | METH_KEYWORDS,
+	 "attach_protocol(fd, protocol, owner, extra=None, on_closed=None) -> Transport: the engine drives the "
+	 "connection and calls the protocol's methods"},
 	{"detach", (PyCFunction)loop_detach, METH_NOARGS, "detach(): after drain(), before the ring closes"},
 	{"statistics", (PyCFunction)loop_statistics, METH_NOARGS, "statistics() -> dict"},
 	{NULL},
@@ -2171,7 +2780,8 @@ PyMODINIT_FUNC PyInit__engine(void)
 {
 	PyObject *m;
 
-	if (PyType_Ready(&TaskBaseType) < 0 || PyType_Ready(&TrapType) < 0 || PyType_Ready(&LoopType) < 0)
+	if (PyType_Ready(&TaskBaseType) < 0 || PyType_Ready(&TrapType) < 0 || PyType_Ready(&LoopType) < 0 ||
+	    PyType_Ready(&TransportType) < 0)
 		return NULL;
 	m = PyModule_Create(&engine_module);
 	if (!m)
@@ -2179,6 +2789,7 @@ PyMODINIT_FUNC PyInit__engine(void)
 	if (PyModule_AddObjectRef(m, "TaskBase", (PyObject *)&TaskBaseType) < 0 ||
 	    PyModule_AddObjectRef(m, "Trap", (PyObject *)&TrapType) < 0 ||
 	    PyModule_AddObjectRef(m, "Loop", (PyObject *)&LoopType) < 0 ||
+	    PyModule_AddObjectRef(m, "Transport", (PyObject *)&TransportType) < 0 ||
 	    PyModule_AddIntConstant(m, "SEND_HIGH_WATER", SEND_HIGH_WATER) < 0 ||
 	    PyModule_AddIntConstant(m, "RECV_HIGH_WATER", RECV_HIGH_WATER) < 0) {
 		Py_DECREF(m);

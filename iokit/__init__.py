@@ -12,6 +12,7 @@ from .backends import Backend, BackendInfo, BackendStatistics, backends, open_ba
 from .runtime import (Task, TaskGroup, checkpoint, current_backend, current_time, perform, run, signal_event, sleep,
                       sleep_forever, sleep_until)
 from .streams import File, Listener, SocketStream, connect_tcp, open_file, open_tcp_listener
+from . import protocols  # noqa: E402 - after the runtime and streams it is built on
 
 __all__ = [
     "Backend", "BackendClosed", "BackendInfo", "BackendStatistics", "BackendUnavailable", "CancelScope", "Cancelled",

@@ -1,6 +1,7 @@
 """Our echo server on the iokit runtime: the server of the socket workloads, one process per backend.
 
     python -m iokit.bench.echo_server --backend NAME [--host 127.0.0.1] [--port 0] [--buffer-bytes 65536]
+                                     [--style streams|protocol]
 
 It is written the way an iokit application is: the shared example-server plumbing (``iokit.serve``: the ready line
 ``listening on HOST:PORT backend=NAME``, a task per connection, a clean stop on SIGINT/SIGTERM) and, per connection,
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import sys
 
-from iokit import serve
+from iokit import protocols, serve
 
 DEFAULT_BUFFER_BYTES = 65536
+STYLES = ("streams", "protocol")
 
 
 class EchoService:
@@ -47,12 +49,32 @@ class EchoService:
         return
 
 
+class EchoProtocol(protocols.Protocol):
+    """The same echo in the callback style: every chunk received is written back."""
+
+    def connection_made(self, transport) -> None:
+        self.write = transport.write
+
+    def data_received(self, data: bytes) -> None:
+        self.write(data)
+
+
+class EchoProtocolService(EchoService):
+    """Each connection driven by an ``EchoProtocol`` (on epoll and uring the engine calls it from C)."""
+
+    async def handle_connection(self, stream, shutdown) -> None:
+        await protocols.drive(stream, EchoProtocol())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = serve.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--buffer-bytes", type=int, default=DEFAULT_BUFFER_BYTES,
                         help=f"receive buffer per connection (default: {DEFAULT_BUFFER_BYTES})")
+    parser.add_argument("--style", choices=STYLES, default="streams",
+                        help="a task per connection over streams, or a protocol (callbacks) per connection")
     parser.set_defaults(port=0, shutdown_grace=1.0)
-    return serve.main(lambda arguments: EchoService(arguments.buffer_bytes), parser, argv)
+    services = {"streams": EchoService, "protocol": EchoProtocolService}
+    return serve.main(lambda arguments: services[arguments.style](arguments.buffer_bytes), parser, argv)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ def echo_server_specs(run: BenchRun, buffer_bytes: int | None = None) -> list[Se
     specs = [ServerSpec(backend, python_module_command("iokit.bench.echo_server", "--backend", backend,
                                                        "--host", HOST, "--port", "0", *buffer_option))
              for backend in run.backends]
+    # The same server in the protocol (callback) style, on each backend: "<backend>:protocol" rows.
+    specs += [ServerSpec(f"{backend}:protocol", python_module_command(
+        "iokit.bench.echo_server", "--backend", backend, "--style", "protocol", "--host", HOST, "--port", "0"))
+              for backend in run.backends if buffer_bytes is None]
     if run.wants_reference("asyncio"):
         specs.append(ServerSpec("ref:asyncio", python_module_command("iokit.bench.asyncio_echo", "--loop", "asyncio",
                                                                      "--host", HOST, "--port", "0")))
