@@ -15,8 +15,13 @@ module adds what a server must decide on top of it, each a rule of RFC 9112 or a
   and 1.1 (505; llhttp is told to accept any digit so that we, not it, answer that case).
 * **Unknown methods**: llhttp rejects a method it does not know at its first wrong byte. A line shaped like a request
   (``TOKEN SP target SP HTTP/x.y``) with such a method gets 405, anything else (TLS, binary noise) 400. To tell them apart
-  the parser keeps the few bytes of a request line that is still being read; when a failing request starts in the middle
-  of a read that also finished an earlier pipelined request, its first bytes are not known and the answer is 400.
+  the parser keeps the bytes of a head that is still being read.
+* **The same answer whatever the reads.** httptools hands over a token still arriving (a target, a header name, whose
+  start reports the field before it) only where its buffer ends, and a syntax error later in the same buffer hides it;
+  so httptools is fed in pieces cut where the bytes say, never where the reads do: at the end of each message (each
+  head is then known from its first byte), at the end and at the bound of each chunk-size line, at the head bound. A
+  head llhttp refuses is replayed with a cut after every line end and at the request-line bound, so that the first
+  problem in byte order, a limit or a syntax error, is the one answered.
 
 Every error is an ``HttpError`` event with ``close=True`` and ends the parser: after a framing error nothing later on the
 connection can be trusted. Events come out in order through ``next_event()``; ``None`` means "feed me more bytes".
@@ -42,6 +47,8 @@ SUPPORTED_VERSIONS = ("1.0", "1.1")
 # A request line whose method llhttp did not know, but which is otherwise well formed: the client asked for something we
 # do not do (405), rather than speaking another protocol (400).
 _REQUEST_LINE_SHAPE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r?\n")
+_LEADING_BLANK_LINES = re.compile(rb"[\r\n]*")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]*")
 _METHOD_CHARACTER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]")
 # The header fields the framing checks read; they are gathered as they arrive rather than searched for afterwards.
 _FRAMING_FIELDS = frozenset({"host", "content-length", "transfer-encoding", "expect"})
@@ -55,6 +62,12 @@ class _State(enum.Enum):
     BODY = "reading a body"
     UNKNOWN_METHOD = "reading a request line with an unknown method"
     FAILED = "failed"
+
+
+class _ChunkPhase(enum.Enum):
+    LINE = "a chunk-size line"
+    DATA = "chunk data and its CRLF"
+    TRAILERS = "the trailer section"
 
 
 class _ParserFailure(Exception):
@@ -77,8 +90,10 @@ class RequestParser:
         self._state = _State.BETWEEN_MESSAGES
         self._failure: HttpError | None = None
         self._start_head()
-        self._request_line_prefix: bytes | None = b""  # bytes of a request line still in its method (for 405 vs 400)
+        self._request_line_prefix: bytes | None = b""  # the head so far (405 vs 400, the replay of a failing head)
         self._request_line: bytes | None = b""  # the request line so far, until its end (None: its start is unknown)
+        self._tail = b""  # the last two bytes fed to httptools (a blank line may straddle two pieces)
+        self._fine = False  # cut heads after every line end and at the request-line bound (a replay; see _feed_part)
 
     # -- what the caller uses ------------------------------------------------------------------------------------------
 
@@ -109,26 +124,132 @@ class RequestParser:
         self._feed_part(data)
 
     def _feed_part(self, data: bytes) -> None:
-        if not data or self._state is _State.FAILED:
-            return
-        if self._state is _State.UNKNOWN_METHOD:
-            self._classify_unknown_method(self._request_line_prefix + data)
-            return
-        if self._state is _State.BETWEEN_MESSAGES:
-            self._request_line_prefix = data.lstrip(b"\r\n")
-        elif self._state is _State.HEAD and self._request_line_prefix is not None:
-            self._request_line_prefix += data
-        else:
-            self._request_line_prefix = None
-        if self._state is _State.HEAD:
-            self._head_bytes_fed += len(data)
-        if len(data) <= self._limits.max_chunk_line_bytes and not (self._state is _State.BODY and self._chunked):
-            self._feed_httptools(data)  # the usual case: a head, or a body framed by Content-Length
-        else:
-            self._feed_sliced(data)
-        if self._state is _State.HEAD:
-            if self._head_bytes_fed > self._limits.max_request_line_bytes + self._limits.max_header_bytes:
+        # httptools hands over a token still being read (a target, a header name, whose start reports the field
+        # before it) only when its buffer ends, and an error later in the same buffer hides it: where the buffers end
+        # would decide whether a limit or a syntax error is seen first. So the buffers end where the bytes say, never
+        # where the reads do: at each message's end (so each head's bytes are known from its start), at each
+        # chunk-size line's end and at its bound; an error in a head is replayed in fine cuts (_first_head_error).
+        start = 0
+        while start < len(data) and self._state is not _State.FAILED:
+            if self._state is _State.UNKNOWN_METHOD:
+                self._classify_unknown_method(self._request_line_prefix + data[start:])
+                return
+            if self._state is _State.HEAD and self._head_bytes_fed >= self._head_bound():
                 self._fail(431, "the header section is too large", report=True)
+                return
+            end = self._next_cut(data, start)
+            start += self._feed_piece(data[start:end])
+
+    def _head_bound(self) -> int:
+        return self._limits.max_request_line_bytes + self._limits.max_header_bytes
+
+    def _next_cut(self, data: bytes, start: int) -> int:
+        """Where the next piece of ``data`` from ``start`` ends: at the next point the bytes (not the reads) fix."""
+        state = self._state
+        if state is _State.BODY and not self._chunked:
+            remaining = (self._content_length or 0) - self._body_bytes
+            return start + remaining if remaining > 0 else len(data)
+        if state is _State.BODY:
+            if self._chunk_phase is not _ChunkPhase.TRAILERS:
+                return self._walk_chunks(data, start)
+            return min(self._blank_line_end(data, start, self._tail), self._line_cut(data, start, self._tail))
+        if state is _State.HEAD:
+            lead, fed, tail = start, self._head_bytes_fed, self._tail
+        else:  # between messages: llhttp skips blank lines before a request line
+            lead, fed, tail = _LEADING_BLANK_LINES.match(data, start).end(), 0, b""
+        end = min(lead + self._head_bound() - fed, self._blank_line_end(data, lead, tail))
+        if self._fine:
+            end = min(end, self._line_cut(data, lead, tail))
+            request_line_bound = self._limits.max_request_line_bytes - _REQUEST_LINE_OVERHEAD + 2  # the first byte 414
+            if request_line_bound > fed:
+                end = min(end, lead + request_line_bound - fed)
+        return max(end, start + 1)
+
+    @staticmethod
+    def _blank_line_end(data: bytes, start: int, tail: bytes) -> int:
+        """Where the first blank line in ``data`` from ``start`` on ends (a head's end: llhttp wants CRLF), counting
+        one that straddles ``tail`` (the last bytes fed) and ``data``; else ``len(data)``."""
+        if tail:
+            at = (tail + data[start:start + 2]).find(b"\n\r\n")
+            if at >= 0:
+                return start + at + 3 - len(tail)
+        at = data.find(b"\n\r\n", start)
+        return at + 3 if at >= 0 else len(data)
+
+    @staticmethod
+    def _line_cut(data: bytes, start: int, tail: bytes) -> int:
+        """A cut after each line end and after the first byte of each line: a field is reported before its successor
+        can fail, as the successor's first byte (when it starts a name) makes httptools hand the field over."""
+        if tail.endswith(b"\n"):
+            return start + 1
+        line_end = data.find(b"\n", start)
+        return line_end + 1 if line_end >= 0 else len(data)
+
+    def _feed_piece(self, piece: bytes) -> int:
+        """Feed one piece to httptools and keep the counts; return how many bytes it took (fewer after an upgrade:
+        the rest is HTTP again, a piece of its own)."""
+        state = self._state
+        if state is _State.BETWEEN_MESSAGES:
+            self._request_line_prefix = piece.lstrip(b"\r\n")
+        elif state is _State.HEAD and self._request_line_prefix is not None:
+            self._request_line_prefix += piece
+        elif state is not _State.HEAD:
+            self._request_line_prefix = None
+        chunk_headers, chunks_completed = self._chunk_headers, self._chunks_completed
+        taken = self._feed_httptools(piece)
+        fed = piece if taken == len(piece) else piece[:taken]
+        self._tail = fed[-2:] if len(fed) >= 2 else (self._tail + fed)[-2:]
+        if self._state is _State.HEAD:
+            if state is _State.HEAD:
+                self._head_bytes_fed += taken
+            else:  # the head started in this piece, after the blank lines llhttp skips
+                self._head_bytes_fed = len(fed.lstrip(b"\r\n"))
+        elif state is _State.BODY and self._chunked and self._chunk_phase is not _ChunkPhase.TRAILERS \
+                and self._state is not _State.FAILED:
+            self._count_chunks(chunk_headers, chunks_completed)
+        return max(taken, 1)
+
+    def _walk_chunks(self, data: bytes, start: int) -> int:
+        """Follow the chunked framing from ``start`` (the positions are ours, the verdicts llhttp's) and return where
+        the piece to feed ends: at the end of ``data``, at the last chunk's size line (the trailers get fine cuts), or
+        where a chunk-size line reaches its bound, so that it is refused there whatever the reads. What the walk
+        finds is kept in ``_walked`` until ``_count_chunks`` checks it against llhttp's callbacks."""
+        bound = self._limits.max_chunk_line_bytes + 2  # CRLF included
+        phase, line, line_bytes, left = self._chunk_phase, self._chunk_line, self._chunk_line_bytes, self._chunk_data_left
+        lines = chunks = 0
+        position, end = start, len(data)
+        while position < end:
+            if phase is _ChunkPhase.DATA:
+                taken = min(end - position, left)
+                position, left = position + taken, left - taken
+                if left:
+                    break
+                phase, chunks = _ChunkPhase.LINE, chunks + 1
+                continue
+            line_end = data.find(b"\n", position, position + bound - line_bytes)
+            if line_end < 0:
+                taken = min(end - position, bound - line_bytes)
+                line, line_bytes, position = line + data[position:position + taken], line_bytes + taken, position + taken
+                break
+            size = _CHUNK_SIZE.match(line + data[position:line_end])[0]
+            position, lines, line, line_bytes = line_end + 1, lines + 1, b"", 0
+            if not size or not int(size, 16):
+                phase = _ChunkPhase.TRAILERS  # the last chunk (or a malformed line, which llhttp refuses)
+                break
+            phase, left = _ChunkPhase.DATA, int(size, 16) + 2
+        self._walked = (phase, line, line_bytes, left, lines, chunks)
+        return position
+
+    def _count_chunks(self, chunk_headers: int, chunks_completed: int) -> None:
+        """Take what ``_walk_chunks`` found for the piece just fed, once llhttp saw the same chunk boundaries."""
+        phase, line, line_bytes, left, lines, chunks = self._walked
+        if self._chunk_headers != chunk_headers + lines or self._chunks_completed != chunks_completed + chunks:
+            self._fail(400, "malformed body: the chunked framing is not what it seemed", report=True)
+            return
+        self._chunk_phase, self._chunk_line, self._chunk_line_bytes, self._chunk_data_left = phase, line, line_bytes, left
+        step = self._limits.max_chunk_line_bytes
+        if phase is _ChunkPhase.LINE and line_bytes >= step + 2:
+            self._fail(400, f"a chunk-size line is longer than {step} bytes", report=True)
 
     def next_event(self) -> RequestHead | BodyChunk | object | HttpError | None:
         """Return the next event in arrival order, or ``None`` when the parser needs more bytes (or has failed)."""
@@ -153,62 +274,45 @@ class RequestParser:
 
     # -- feeding httptools ---------------------------------------------------------------------------------------------
 
-    def _feed_httptools(self, data: bytes) -> None:
-        while True:
-            try:
-                self._parser.feed_data(data)
-                return
-            except httptools.HttpParserUpgrade as upgrade:
-                # A request with "Connection: Upgrade" (or CONNECT) is complete; llhttp stopped after it, expecting another
-                # protocol to follow. We never switch protocols (RFC 9110 section 7.8 lets a server ignore Upgrade), so
-                # what follows is parsed as HTTP again.
-                data = data[upgrade.args[0]:]
-                if not data:
-                    return
-            except httptools.HttpParserCallbackError:
-                self._report_failure()
-                return
-            except httptools.HttpParserInvalidMethodError:
-                self._on_unknown_method()
-                return
-            except httptools.HttpParserError as error:
-                self._on_llhttp_error(str(error))
-                return
-
-    def _feed_sliced(self, data: bytes) -> None:
-        """Feed heads and chunked bodies in slices of ``max_chunk_line_bytes``, bounding each chunk-size line
-        (extensions included), which httptools reads unseen.
-
-        httptools says when a line ends but not where, so the bytes of a slice that were neither data nor trailers
-        count against the line in progress; with slices that small, a line is refused by the time it reaches twice
-        the bound, whatever the reads. A body framed by Content-Length has no such line: the rest goes in whole."""
-        step = self._limits.max_chunk_line_bytes
-        start = 0
-        while start < len(data) and self._state in (_State.BETWEEN_MESSAGES, _State.HEAD, _State.BODY):
-            if self._state is _State.BODY and not self._chunked:
-                self._feed_httptools(data[start:])
-                return
-            counting = self._state is _State.BODY
-            piece = data[start:start + step]
-            body_before, chunk_headers_before = self._body_bytes, self._chunk_headers
-            self._feed_httptools(piece)
-            start += len(piece)
-            if not counting or self._state is not _State.BODY:
-                continue
-            if self._chunk_headers != chunk_headers_before or self._in_trailers:
-                self._chunk_line_bytes = 0
-            else:
-                self._chunk_line_bytes += len(piece) - (self._body_bytes - body_before)
-            if self._chunk_line_bytes > step:
-                self._fail(400, f"a chunk-size line is longer than {step} bytes", report=True)
+    def _feed_httptools(self, data: bytes) -> int:
+        """Feed ``data``; return how many bytes were taken (up to the end of an upgrade request; the caller feeds the
+        rest as HTTP again)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # A request with "Connection: Upgrade" (or CONNECT) is complete; llhttp stopped after it, expecting another
+            # protocol to follow. We never switch protocols (RFC 9110 section 7.8 lets a server ignore Upgrade), so
+            # what follows is parsed as HTTP again.
+            return upgrade.args[0]
+        except httptools.HttpParserCallbackError:
+            self._report_failure()
+        except httptools.HttpParserInvalidMethodError:
+            self._on_unknown_method()
+        except httptools.HttpParserError as error:
+            self._on_llhttp_error(str(error))
+        return len(data)
 
     def _on_llhttp_error(self, reason: str) -> None:
+        if self._state is _State.HEAD and not self._fine and self._request_line_prefix is not None:
+            failure = self._first_head_error(self._request_line_prefix)
+            if failure is not None:
+                self._failure = failure
+                self._report_failure()
+                return
         if self._state is _State.HEAD and self._method() == "PRI":
             self._fail(400, "HTTP/2 is not supported here (connection preface received); use HTTP/1.1", report=True)
         elif self._state is _State.BODY:
             self._fail(400, f"malformed body: {reason}", report=True)
         else:
             self._fail(400, f"malformed request: {reason}", report=True)
+
+    def _first_head_error(self, head: bytes) -> HttpError | None:
+        """The error a head gets when fed in fine cuts (see ``_line_cut``): the first problem in byte order, a limit
+        or llhttp's, the same whatever the reads. Only a failing head pays for it."""
+        replay = RequestParser(self._limits)
+        replay._fine = True
+        replay.feed(head)
+        return replay._failure
 
     def _on_unknown_method(self) -> None:
         if self._request_line_prefix is None:
@@ -240,12 +344,15 @@ class RequestParser:
         self._header_bytes = 0
         self._head_bytes_fed = 0
         self._method_name = ""
-        self._body_bytes = 0           # the chunk-size line bound: data bytes delivered,
+        self._body_bytes = 0           # body bytes delivered (where a Content-Length body ends); the chunked framing:
         self._chunk_headers = 0        # chunk-size lines finished,
-        self._chunk_line_bytes = 0     # bytes of the current one so far,
-        self._chunk_has_data = False
-        self._in_trailers = False      # and whether the last chunk (size 0) has passed
+        self._chunk_line_bytes = 0     # bytes of the current one so far (CRLF included), and those bytes,
+        self._chunk_line = b""
+        self._chunk_phase = _ChunkPhase.LINE  # where in the chunked framing the next byte is,
+        self._chunk_data_left = 0      # the bytes of the current chunk still to come (its CRLF included),
+        self._chunks_completed = 0     # and how many chunks llhttp ended (to check that we follow it)
         self._chunked = False
+        self._content_length: int | None = None
 
     def _method(self) -> str:
         if not self._method_name:
@@ -290,7 +397,7 @@ class RequestParser:
         if version == "1.1" and len(framing.get("host", ())) != 1:
             self._fail(400, "an HTTP/1.1 request needs exactly one Host header")
         chunked = self._chunked = self._check_transfer_encoding(framing, version)
-        content_length = self._check_content_length(framing, chunked)
+        content_length = self._content_length = self._check_content_length(framing, chunked)
         keep_alive = self._parser.should_keep_alive() and method != "CONNECT"
         expect_continue = version == "1.1" and "100-continue" in comma_separated(framing.get("expect", ()))
         return RequestHead(method=method, target=b"".join(self._target_parts).decode("latin-1"), version=version,
@@ -325,21 +432,18 @@ class RequestParser:
 
     def _on_body(self, data: bytes) -> None:
         self._body_bytes += len(data)
-        self._chunk_has_data = True
         self._events.append(BodyChunk(data))
 
     def _on_chunk_header(self) -> None:
         self._chunk_headers += 1
-        self._chunk_has_data = False
 
     def _on_chunk_complete(self) -> None:
-        if not self._chunk_has_data:
-            self._in_trailers = True  # the last chunk: what follows are trailers, which _on_header bounds
+        self._chunks_completed += 1
 
     def _on_message_complete(self) -> None:
         self._events.append(END_OF_MESSAGE)
         self._state = _State.BETWEEN_MESSAGES
-        self._request_line_prefix = None  # the next message starts somewhere inside this read: its offset is unknown
+        self._request_line_prefix = None  # the next piece starts the next message (_next_cut)
 
     def _fail(self, status: int, detail: str, *, report: bool = False) -> None:
         """Record an error; from a callback, stop httptools (it raises ``HttpParserCallbackError`` to ``feed``)."""
