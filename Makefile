@@ -7,7 +7,7 @@
 PYTHON      ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV        := .venv
 PY          := $(VENV)/bin/python
-APT_TEST    := liburing-dev gcc curl wrk apache2-utils chromium chromium-driver
+APT_TEST    := liburing-dev gcc curl wrk apache2-utils chromium chromium-driver redis-server
 APT_BENCH   := $(APT_TEST) fio
 BENCH_OUT   ?= bench-results
 
