@@ -45,7 +45,7 @@ import time
 from typing import Callable
 
 from .context import BenchRun
-from .processes import Server, Usage
+from .processes import Server, Usage, reset_peak_rss
 from .results import Result, RunSample, percentile, summarize
 from .servers import HOST, example_server_specs, sweep
 
@@ -479,6 +479,7 @@ def run(run: BenchRun) -> None:
         clients, rate = params["clients"], params["rate"]
         coroutine = scenario(params["mode"], server.host, server.port, clients, rate, seconds, Traffic(),
                              server.measure)
+        reset_peak_rss(server.pid)   # the row's own peak (its setup and window), not the server's since it started
         try:
             outcome = asyncio.run(asyncio.wait_for(coroutine, row_timeout(clients, rate, seconds)))
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
