@@ -374,6 +374,7 @@ typedef struct Conn {
 	PyObject *lost_error;        /* what connection_lost() gets: the exception that ended the connection, or NULL */
 	Py_ssize_t high_water, low_water;
 	unsigned reading_paused : 1, writing_paused : 1, want_read : 1;
+	unsigned retry_reader : 1;   /* an injected EAGAIN parked the reader with data there: retry it at the flush */
 } Conn;
 
 /* ---------------------------------------------------------------------------------------------------------------- */
@@ -406,11 +407,34 @@ typedef struct {
 	char *scratch;
 	/* counters */
 	unsigned long long resumes, traps, turns, completions, sends, stale;
+	/* Fault injection (set_faults, for iokit.backends.faults): the rare cases of the hot path made common, with a
+	 * seeded generator so that a failing run replays. 0 rates: off, and the checks cost one branch. */
+	struct {
+		int on;
+		double eagain, short_transfer, reset, cancel_race;
+		uint64_t state;
+		unsigned long long eagains, shorts, resets, cancel_races;
+	} faults;
 } Loop;
 
 static void run_task(Loop *L, TaskBase *task, PyObject *value, PyObject *exc);
 static void note_error(Loop *L);
 static PyObject *raise_pending(Loop *L);
+
+/* xorshift64*: true with probability `rate`. */
+static int fault_roll(Loop *L, double rate)
+{
+	uint64_t x;
+
+	if (!L->faults.on || rate <= 0)
+		return 0;
+	x = L->faults.state;
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	L->faults.state = x;
+	return (double)((x * 0x2545F4914F6CDD1DULL) >> 11) * (1.0 / 9007199254740992.0) < rate;
+}
 
 static Conn *conn_get(Loop *L, int fd)
 {
@@ -928,8 +952,19 @@ static void epoll_flush(Loop *L, Conn *c)
 			c->error = ENOMEM;
 			break;
 		}
-		n = count == 1 ? send(c->fd, c->iov[0].iov_base, c->iov[0].iov_len, MSG_NOSIGNAL)
-			       : writev(c->fd, c->iov, count);
+		if (fault_roll(L, L->faults.short_transfer)) {
+			/* The kernel took one byte: the rest goes at the next turn's flush. */
+			L->faults.shorts++;
+			n = send(c->fd, c->iov[0].iov_base, 1, MSG_NOSIGNAL);
+			if (n > 0) {
+				consume(c, n);
+				mark_dirty(L, c);
+				return;
+			}
+		} else {
+			n = count == 1 ? send(c->fd, c->iov[0].iov_base, c->iov[0].iov_len, MSG_NOSIGNAL)
+				       : writev(c->fd, c->iov, count);
+		}
 		L->sends++;
 		if (n < 0) {
 			if (errno == EINTR)
@@ -1112,7 +1147,11 @@ static void uring_flush(Loop *L, Conn *c)
 			fail_conn(L, c, ENOMEM);
 			return;
 		}
-		if (count == 1) {
+		if (fault_roll(L, L->faults.short_transfer)) {
+			L->faults.shorts++;
+			io_uring_prep_send(sqe, c->fd, c->iov[0].iov_base, 1, MSG_NOSIGNAL); /* one byte; the rest after */
+			count = 1;
+		} else if (count == 1) {
 			io_uring_prep_send(sqe, c->fd, c->iov[0].iov_base, c->iov[0].iov_len, MSG_NOSIGNAL);
 		} else {
 			memset(&c->msg, 0, sizeof c->msg);
@@ -1141,6 +1180,7 @@ static int flush_needed(const Loop *L, const Conn *c)
 /* Before each wait: every Conn that queued something gets its syscall (epoll) or SQE (uring). Conns whose SQEs found
  * no room stay on the list for the next turn. */
 static void protocol_resume_input(Loop *L, Conn *c);
+static int epoll_try_recv(Loop *L, Conn *c, Trap *t);
 
 static void flush_all(Loop *L)
 {
@@ -1154,6 +1194,17 @@ static void flush_all(Loop *L)
 		if (!c->dead && c->want_read) {
 			c->want_read = 0;
 			protocol_resume_input(L, c); /* resume_reading(): what waited, then the socket again */
+		}
+		if (!c->dead && c->retry_reader) {
+			Trap *reader = c->reader;
+
+			c->retry_reader = 0;
+			if (reader && (serve_from_queue(c, reader) || (L->mode == MODE_EPOLL && epoll_try_recv(L, c, reader)))) {
+				c->reader = NULL;
+				complete_and_wake(L, reader);
+			} else if (reader && L->mode == MODE_URING && !c->recv_armed) {
+				c->want_recv = 1;
+			}
 		}
 		if (c->dead) {
 			/* buried at the end of the turn */
@@ -1186,6 +1237,18 @@ static void flush_all(Loop *L)
 
 /* --- starting a trap ---------------------------------------------------------------------------------------------- */
 
+/* An injected reset: the connection is shut down both ways, as after a peer's RST, and the op fails. 1: injected. */
+static int fault_reset(Loop *L, Conn *c, Trap *t)
+{
+	if (!fault_roll(L, L->faults.reset))
+		return 0;
+	L->faults.resets++;
+	shutdown(c->fd, SHUT_RDWR);
+	c->error = ECONNRESET;
+	trap_fail_errno(t, ECONNRESET);
+	return 1;
+}
+
 /* Try the accept now (epoll). 1: done (result or error set), 0: would block. */
 static int epoll_try_accept(Trap *t)
 {
@@ -1208,13 +1271,21 @@ static int epoll_try_accept(Trap *t)
 /* Try the receive now (epoll), into the loop's scratch buffer or the caller's. 1: done, 0: would block. */
 static int epoll_try_recv(Loop *L, Conn *c, Trap *t)
 {
+	int one_byte;
+
+	if (c->rq_len)
+		return serve_from_queue(c, t); /* bytes taken from the socket earlier come first: the order is the stream's */
+	one_byte = t->kind != T_WAIT_READABLE && fault_roll(L, L->faults.short_transfer);
+	if (one_byte)
+		L->faults.shorts++;
 	for (;;) {
 		ssize_t n;
 
 		if (t->kind == T_RECV_INTO)
-			n = recv(c->fd, t->view.buf, (size_t)t->view.len, 0);
+			n = recv(c->fd, t->view.buf, one_byte ? 1 : (size_t)t->view.len, 0);
 		else if (t->kind == T_RECEIVE)
-			n = recv(c->fd, L->scratch, (size_t)(t->size < SCRATCH_BYTES ? t->size : SCRATCH_BYTES), 0);
+			n = recv(c->fd, L->scratch,
+				 one_byte ? 1 : (size_t)(t->size < SCRATCH_BYTES ? t->size : SCRATCH_BYTES), 0);
 		else
 			n = recv(c->fd, L->scratch, 1, MSG_PEEK);
 		if (n > 0) {
@@ -1267,11 +1338,40 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 				  "another task is already receiving on this socket"));
 			return 1;
 		}
+		if (t->kind != T_WAIT_READABLE && fault_reset(L, c, t))
+			return 1;
+		if (fault_roll(L, L->faults.eagain)) {
+			/* "Not ready": park even if data is there; the flush tries again (try, then wait). */
+			L->faults.eagains++;
+			c->retry_reader = 1;
+			mark_dirty(L, c);
+			if (L->mode == MODE_EPOLL && epoll_register(L, c) < 0) {
+				trap_fail_errno(t, errno);
+				return 1;
+			}
+			park(&c->reader, t, task);
+			return 0;
+		}
 		if (serve_from_queue(c, t))
 			return 1;
 		if (L->mode == MODE_EPOLL) {
 			int err;
+			ssize_t n;
 
+			if (t->kind != T_WAIT_READABLE && fault_roll(L, L->faults.cancel_race) &&
+			    (n = recv(c->fd, L->scratch, SCRATCH_BYTES, 0)) > 0) {
+				/* As if a cancel had won just after the syscall moved these bytes: they must not be lost,
+				 * so they wait in the queue, and the flush serves the reader from there. */
+				L->faults.cancel_races++;
+				if (rq_append(c, L->scratch, n) < 0) {
+					trap_fail_errno(t, ENOMEM);
+					return 1;
+				}
+				c->retry_reader = 1;
+				mark_dirty(L, c);
+				park(&c->reader, t, task);
+				return 0;
+			}
 			if (epoll_try_recv(L, c, t))
 				return 1;
 			if ((err = epoll_register(L, c)) < 0) {
@@ -1285,6 +1385,10 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 		park(&c->reader, t, task);
 		return 0;
 	case T_SEND:
+		if (fault_reset(L, c, t)) {
+			set_bytes_sent(t->error, 0);
+			return 1;
+		}
 		if (c->error || c->shut_write || enqueue(c, t->view.obj, t->view.buf, t->view.len) < 0) {
 			trap_fail_errno(t, c->error ? c->error : c->shut_write ? EPIPE : ENOMEM);
 			set_bytes_sent(t->error, 0);
@@ -1492,9 +1596,27 @@ static void uring_recv_completion(Loop *L, Conn *c, const struct io_uring_cqe *c
 			Py_ssize_t used = 0;
 
 			/* Copy out, give the buffer back at once, then wake the reader (which may run a while). */
-			if (reader) {
+			if (reader && c->rq_len) {
+				/* Older bytes wait in the queue (an injected EAGAIN parked the reader over them): these go
+				 * behind them, and the reader is served from the queue, in order. */
 				c->reader = NULL;
-				used = give_to_reader(reader, data, res);
+				if (rq_append(c, data, res) < 0)
+					c->error = ENOMEM;
+				serve_from_queue(c, reader);
+				used = res;
+			} else if (reader && fault_roll(L, L->faults.cancel_race)) {
+				/* As if a cancel had won the race with this completion: the bytes go back to the queue, the
+				 * reader stays parked and the flush serves it from there. Not one byte may go missing. */
+				L->faults.cancel_races++;
+				c->retry_reader = 1;
+				mark_dirty(L, c);
+				reader = NULL;
+			} else if (reader) {
+				int one_byte = fault_roll(L, L->faults.short_transfer);
+
+				L->faults.shorts += one_byte;
+				c->reader = NULL;
+				used = give_to_reader(reader, data, one_byte ? 1 : res); /* the rest waits in the queue */
 				if (used < 0)
 					used = 0;
 			}
@@ -1828,7 +1950,12 @@ static void epoll_event(Loop *L, uint64_t data, uint32_t events)
 			acceptor_pop(c);
 			complete_and_wake(L, t);
 		}
-		if (!c->dead && (t = c->reader) && epoll_try_recv(L, c, t)) {
+		if (!c->dead && (t = c->reader) && fault_roll(L, L->faults.cancel_race)) {
+			/* As if a cancel had won against this readiness: the reader stays parked, the flush tries again. */
+			L->faults.cancel_races++;
+			c->retry_reader = 1;
+			mark_dirty(L, c);
+		} else if (!c->dead && (t = c->reader) && epoll_try_recv(L, c, t)) {
 			c->reader = NULL;
 			complete_and_wake(L, t);
 		}
@@ -2673,6 +2800,26 @@ static PyObject *loop_drain(Loop *L, PyObject *unused)
 	return PyLong_FromLong(0);
 }
 
+/* set_faults(seed, eagain=0, short=0, reset=0, cancel_race=0): inject those faults on the engine's socket ops (see
+ * iokit/backends/faults.py, which calls this for the backend it wraps). */
+static PyObject *loop_set_faults(Loop *L, PyObject *args, PyObject *kwds)
+{
+	static char *kwlist[] = {"seed", "eagain", "short", "reset", "cancel_race", NULL};
+	unsigned long long seed = 0;
+	double eagain = 0, short_transfer = 0, reset = 0, cancel_race = 0;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "K|dddd", kwlist, &seed, &eagain, &short_transfer, &reset,
+					 &cancel_race))
+		return NULL;
+	L->faults.cancel_race = cancel_race;
+	L->faults.eagain = eagain;
+	L->faults.short_transfer = short_transfer;
+	L->faults.reset = reset;
+	L->faults.state = seed * 0x9E3779B97F4A7C15ULL + 1; /* never 0: xorshift would stay there */
+	L->faults.on = eagain > 0 || short_transfer > 0 || reset > 0 || cancel_race > 0;
+	Py_RETURN_NONE;
+}
+
 /* detach(): the ring stops calling this engine (call after drain() said 0, before the ring closes). */
 static PyObject *loop_detach(Loop *L, PyObject *unused)
 {
@@ -2690,9 +2837,11 @@ static PyObject *loop_detach(Loop *L, PyObject *unused)
 static PyObject *loop_statistics(Loop *L, PyObject *unused)
 {
 	(void)unused;
-	return Py_BuildValue("{s:i,s:I,s:K,s:K,s:K,s:K,s:K,s:K}", "connections", L->live_conns, "in_flight",
-			     L->in_flight, "resumes", L->resumes, "traps", L->traps, "turns", L->turns, "completions",
-			     L->completions, "sends", L->sends, "stale_events", L->stale);
+	return Py_BuildValue("{s:i,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:{s:K,s:K,s:K,s:K}}", "connections", L->live_conns,
+			     "in_flight", L->in_flight, "resumes", L->resumes, "traps", L->traps, "turns", L->turns,
+			     "completions", L->completions, "sends", L->sends, "stale_events", L->stale, "injected",
+			     "eagain", L->faults.eagains, "short", L->faults.shorts, "reset", L->faults.resets,
+			     "cancel_race", L->faults.cancel_races);
 }
 
 static PyMethodDef loop_methods[] = {
@@ -2718,6 +2867,8 @@ static PyMethodDef loop_methods[] = {
 	 "attach_protocol(fd, protocol, owner, extra=None, on_closed=None) -> Transport: the engine drives the "
 	 "connection and calls the protocol's methods"},
 	{"detach", (PyCFunction)loop_detach, METH_NOARGS, "detach(): after drain(), before the ring closes"},
+	{"set_faults", (PyCFunction)(void (*)(void))loop_set_faults, METH_VARARGS | METH_KEYWORDS,
+	 "set_faults(seed, eagain=0, short=0, reset=0): inject faults on the socket ops"},
 	{"statistics", (PyCFunction)loop_statistics, METH_NOARGS, "statistics() -> dict"},
 	{NULL},
 };

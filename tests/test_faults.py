@@ -97,7 +97,11 @@ def test_echo_loses_and_duplicates_nothing(inner_name, size):
     echoed, injected = run_under_faults(inner_name, echo_through_a_connection, data, **INVISIBLE)
     assert len(echoed) == size and echoed == data
     if size >= 64 << 10:
-        assert injected["short"] and injected["eagain"] and injected["cancel_race"], injected
+        assert injected["short"] and injected["eagain"], injected
+    # On the native engine (epoll, uring) a 64 KiB echo is a handful of receives, so a few rolls for the race: from
+    # 1 MiB on there are hundreds. The Op path splits every op into attempts and rolls for each.
+    if size >= (1 << 20 if inner_name in ("epoll", "uring") else 64 << 10):
+        assert injected["cancel_race"], injected
 
 
 def test_sendall_and_exact_receives_keep_message_boundaries(inner_name):
@@ -250,8 +254,13 @@ def test_cancelled_receives_racing_arrivals_lose_no_byte(inner_name):
     """Every byte arrives exactly once, in order, whichever of cancel and completion wins each of 500 rounds."""
     data, received, rounds, injected = race_cancels_against_arrivals(inner_name, seed=3)
     assert received == data
-    assert rounds >= len(data) // 5 and injected["cancel_race_won_by_cancel"] and \
-        injected["cancel_race_won_by_completion"], injected
+    assert rounds >= len(data) // 5
+    if inner_name in ("epoll", "uring"):
+        # Socket ops run on the native engine, whose cancel of a parked receive never reaches the kernel; it injects
+        # its own form of the race (a completion met as if a cancel had won: its bytes must be served again).
+        assert injected["cancel_race"], injected
+    else:
+        assert injected["cancel_race_won_by_cancel"] and injected["cancel_race_won_by_completion"], injected
 
 
 @pytest.mark.parametrize("inner", ["threads", "epoll", "uring"])

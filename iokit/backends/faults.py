@@ -23,6 +23,10 @@ generator so that a failing run can be replayed. What the caller sees is only ev
   RST. Visible: for tests that expect a connection to fail.
 * **enospc** (write to a regular file): the write fails with ``ENOSPC`` without writing. Visible.
 
+**On the native engine** (epoll and uring under the runtime) a stream's socket ops never become Ops, so the wrapper
+hands eagain, short, reset and cancel_race to the engine itself (``attach_engine``), which injects them in C on its own recv and
+send paths with a seeded generator of its own; their counts are in the inner backend's ``extra["engine"]``.
+
 Bookkeeping keeps every rule of ``Backend``: the caller's op sits in this backend's in-flight table until its final
 completion, and each try of it is a fresh ``_Attempt`` op in the inner backend's table, sharing the caller's buffer (or
 a one-byte view of it), so the buffer outlives the kernel's use through both tables. A caller's cancel is passed on
@@ -187,6 +191,7 @@ class FaultyBackend(Backend):
         self._injected: collections.Counter[str] = collections.Counter()
         self._retry_next_round: list[Op] = []          # ops whose attempt was "interrupted" (EINTR)
         self._cancel_next_round: list[_Attempt] = []   # attempts to cancel as the next wait() begins
+        self._engine = None                            # the inner backend's engine, while one is attached
 
     @classmethod
     def from_spec(cls, inner: Backend, spec: str) -> "FaultyBackend":
@@ -253,6 +258,29 @@ class FaultyBackend(Backend):
             if isinstance(attempt, _Attempt) and not attempt.settled:
                 self._after(attempt)
 
+    def attach_engine(self, driver):
+        """The wrapped backend's native engine, with this backend's socket faults (eagain, short, reset) injected
+        inside it by a hook on its hot path (``engine.set_faults``), so that fault runs keep testing the path real
+        programs take. Its cancel_race: a completion met as if a cancel had won, whose bytes must then be served
+        again, not lost. eintr concerns a syscall's retry and stays with the Ops (files, connect...)."""
+        engine = self._engine = self._inner.attach_engine(driver)
+        if engine is not None:
+            rates = self.rates
+            engine.set_faults(rates.seed & 0xFFFFFFFFFFFFFFFF, eagain=rates.eagain, short=rates.short,
+                              reset=rates.reset, cancel_race=rates.cancel_race)
+        return engine
+
+    def detach_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:  # its counts outlive it, in ours
+            injected = engine.statistics()["injected"]
+            with self._lock:
+                self._injected.update(injected)
+        self._inner.detach_engine()
+
+    def forget(self, fd: int) -> None:
+        self._inner.forget(fd)
+
     def wakeup(self) -> None:
         self._inner.wakeup()
 
@@ -266,8 +294,11 @@ class FaultyBackend(Backend):
 
     def _extra_statistics(self) -> dict:
         with self._lock:
-            injected = dict(self._injected)
-        return {"injected": injected, "rates": dataclasses.asdict(self.rates), "inner": self._inner.statistics()}
+            injected = collections.Counter(self._injected)
+        inner = self._inner.statistics()
+        if self._engine is not None:  # the faults the attached engine has injected so far
+            injected.update(self._engine.statistics()["injected"])
+        return {"injected": dict(injected), "rates": dataclasses.asdict(self.rates), "inner": inner}
 
     # --- the faults -------------------------------------------------------------------------------------------------
 
