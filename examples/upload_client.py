@@ -8,6 +8,7 @@ the server reports, and checks the result's sha256 by downloading it.
     upload_client.py --port 8080 FILE --order 1,3,2            three partial uploads sent in that order, then the final
     upload_client.py --port 8080 FILE --resume /files/ID       finish an upload begun earlier
     upload_client.py --measure                                 sync vs async durability throughput on this machine
+    upload_client.py --measure-replication                     no vs sync vs async replication (one local replica)
 
 After a failed request (connection lost, server restarted, 409, 460, 5xx) it asks the server where the upload stands
 (HEAD) and goes on from there, for up to ``--retry-seconds``. ``--failover HOST:PORT`` (repeatable) names servers to
@@ -26,8 +27,10 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import hashlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -277,10 +280,11 @@ def run_upload(arguments) -> int:
 
 # -- --measure: sync vs async durability ------------------------------------------------------------------------------
 
-def start_server(backend: str, durability: str, directory: str) -> tuple[subprocess.Popen, int]:
+def start_server(backend: str, durability: str, directory: str, *flags: str) -> tuple[subprocess.Popen, int]:
     """Start ``upload_server.py`` on a free port; return the process and its port once it listens."""
     process = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--backend", backend, "--port", "0",
-                                "--dir", directory, "--durability", durability], stdout=subprocess.PIPE, text=True)
+                                "--dir", directory, "--durability", durability, *flags], stdout=subprocess.PIPE,
+                               text=True)
     line = process.stdout.readline()
     found = re.search(r"listening on \S+:(\d+) ", line)
     if not found:
@@ -306,31 +310,135 @@ def measure_once(backend: str, durability: str, chunk_bytes: int, source: str, d
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def measure(arguments) -> int:
-    """Upload one file to a server in each durability mode, for each backend and chunk size. Print the median MiB/s
-    of ``--repeat`` runs, the median time per chunk (request to acknowledgement) and what sync adds to it."""
-    work = tempfile.mkdtemp(prefix="upload-measure-", dir=arguments.measure_dir)  # a real disk: fsync must cost
+@contextlib.contextmanager
+def measurement_workspace(arguments, prefix: str):
+    """Yield (a fresh directory under ``--measure-dir``, a random file of ``--measure-mib`` in it); removed after."""
+    work = tempfile.mkdtemp(prefix=prefix, dir=arguments.measure_dir)  # a real disk: fsync must cost
     try:
         source = os.path.join(work, "source.bin")
         with open(source, "wb") as file:
             file.write(os.urandom(arguments.measure_mib * MIB))
-        print(f"# {arguments.measure_mib} MiB per upload, one connection, medians of {arguments.repeat} runs, data "
-              f"under {work} (kernel {os.uname().release})")
-        print(f"{'backend':8} {'chunk':>7} {'sync MiB/s':>10} {'async MiB/s':>11} {'sync ms/chunk':>13} "
-              f"{'async ms/chunk':>14} {'sync adds':>9}")
-        for backend in arguments.backends.split(","):
-            for chunk_kib in (int(size) for size in arguments.chunk_kib.split(",")):
-                figures = {}
-                for durability in ("sync", "async"):
-                    runs = [measure_once(backend, durability, chunk_kib * 1024, source, os.path.join(work, durability))
-                            for _ in range(arguments.repeat)]
-                    figures[durability] = (arguments.measure_mib / statistics.median(total for total, _ in runs),
-                                           1000 * statistics.median(per_chunk for _, per_chunk in runs))
-                (sync_rate, sync_ms), (async_rate, async_ms) = figures["sync"], figures["async"]
-                print(f"{backend:8} {chunk_kib:>5}Ki {sync_rate:>10.1f} {async_rate:>11.1f} {sync_ms:>13.2f} "
-                      f"{async_ms:>14.2f} {sync_ms - async_ms:>6.2f} ms", flush=True)
+        yield work, source
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def sweep(arguments) -> list[tuple[str, int]]:
+    """Return the (backend, chunk KiB) pairs that ``--backends`` and ``--chunk-kib`` ask to measure, in order."""
+    return [(backend, int(size)) for backend in arguments.backends.split(",") for size in arguments.chunk_kib.split(",")]
+
+
+def print_table_head(arguments, work: str, setup: str, columns: str) -> None:
+    print(f"# {arguments.measure_mib} MiB per upload, one connection, {setup}medians of {arguments.repeat} runs, data "
+          f"under {work} (kernel {os.uname().release})")
+    print(f"{'backend':8} {'chunk':>7} {columns}")
+
+
+def measure(arguments) -> int:
+    """Upload one file to a server in each durability mode, for each backend and chunk size. Print the median MiB/s
+    of ``--repeat`` runs, the median time per chunk (request to acknowledgement) and what sync adds to it."""
+    with measurement_workspace(arguments, "upload-measure-") as (work, source):
+        print_table_head(arguments, work, "", f"{'sync MiB/s':>10} {'async MiB/s':>11} {'sync ms/chunk':>13} "
+                                              f"{'async ms/chunk':>14} {'sync adds':>9}")
+        for backend, chunk_kib in sweep(arguments):
+            figures = {}
+            for durability in ("sync", "async"):
+                runs = [measure_once(backend, durability, chunk_kib * 1024, source, os.path.join(work, durability))
+                        for _ in range(arguments.repeat)]
+                figures[durability] = (arguments.measure_mib / statistics.median(total for total, _ in runs),
+                                       1000 * statistics.median(per_chunk for _, per_chunk in runs))
+            (sync_rate, sync_ms), (async_rate, async_ms) = figures["sync"], figures["async"]
+            print(f"{backend:8} {chunk_kib:>5}Ki {sync_rate:>10.1f} {async_rate:>11.1f} {sync_ms:>13.2f} "
+                  f"{async_ms:>14.2f} {sync_ms - async_ms:>6.2f} ms", flush=True)
+    return 0
+
+
+# -- --measure-replication: none vs sync vs async replication ---------------------------------------------------------
+
+REPLICATION_MODES = ("none", "sync", "async")
+LAG_POLL_SECONDS = 0.05
+
+
+class LagWatcher(threading.Thread):
+    """Polls the primary's ``GET /stats`` while an upload runs; keeps the largest lag seen (bytes, seconds)."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port = port
+        self.done = threading.Event()
+        self.max_lag_bytes = 0
+        self.max_lag_seconds = 0.0
+
+    def run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            while not self.done.wait(LAG_POLL_SECONDS):
+                connection.request("GET", "/stats")
+                replicas = json.loads(connection.getresponse().read())["replication"]["replicas"]
+                self.max_lag_bytes = max(self.max_lag_bytes, *(replica["lag_bytes"] for replica in replicas))
+                self.max_lag_seconds = max(self.max_lag_seconds, *(replica["lag_seconds"] for replica in replicas))
+        finally:
+            connection.close()
+
+
+def measure_replication_once(backend: str, mode: str, chunk_bytes: int, source: str, work: str) -> dict:
+    """Upload ``source`` once through a fresh primary (with one fresh replica unless ``mode`` is none); return the
+    seconds, the acknowledgement latencies and the largest replica lag seen."""
+    processes = []
+    try:
+        flags: list[str] = []
+        if mode != "none":
+            replica, replica_port = start_server(backend, "sync", os.path.join(work, "replica"),
+                                                 "--accept-replication")
+            processes.append(replica)
+            flags = ["--replica", f"http://127.0.0.1:{replica_port}", "--replication", mode]
+        primary, port = start_server(backend, "sync", os.path.join(work, "primary"), *flags)
+        processes.append(primary)
+        watcher = LagWatcher(port) if mode == "async" else None
+        if watcher is not None:
+            watcher.start()
+        options = argparse.Namespace(file=source, chunk_size=chunk_bytes, checksum=None, rate=0, retry_seconds=0,
+                                     resume=None, order=None, parts=1, parallel=1)
+        log = AckLog(None, keep_times=True)
+        started = time.monotonic()
+        upload_file(Server("127.0.0.1", port), options, log)
+        if watcher is not None:
+            watcher.done.set()
+            watcher.join()
+        times = [started, *log.ack_times]
+        latencies = sorted(later - earlier for earlier, later in zip(times, times[1:]))
+        return {"seconds": times[-1] - started, "p50": latencies[len(latencies) // 2],
+                "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+                "lag_bytes": watcher.max_lag_bytes if watcher else 0,
+                "lag_seconds": watcher.max_lag_seconds if watcher else 0.0}
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait()
+        shutil.rmtree(os.path.join(work, "primary"), ignore_errors=True)
+        shutil.rmtree(os.path.join(work, "replica"), ignore_errors=True)
+
+
+def measure_replication(arguments) -> int:
+    """For each backend and chunk size: MiB/s (median of ``--repeat`` runs), p50/p99 acknowledgement latency and the
+    largest lag of the replica, without replication and with one local replica in each mode (both servers
+    ``--durability sync``, on the same disk)."""
+    with measurement_workspace(arguments, "upload-replication-") as (work, source):
+        print_table_head(arguments, work, "1 local replica, --durability sync on both, ",
+                         f"{'mode':6} {'MiB/s':>7} {'vs none':>7} {'p50 ms':>7} {'p99 ms':>7} {'max lag':>10} "
+                         f"{'max lag s':>9}")
+        for backend, chunk_kib in sweep(arguments):
+            baseline = None
+            for mode in REPLICATION_MODES:
+                runs = [measure_replication_once(backend, mode, chunk_kib * 1024, source, work)
+                        for _ in range(arguments.repeat)]
+                rate = arguments.measure_mib / statistics.median(run["seconds"] for run in runs)
+                baseline = baseline or rate
+                print(f"{backend:8} {chunk_kib:>5}Ki {mode:6} {rate:>7.1f} {rate / baseline:>6.2f}x "
+                      f"{1000 * statistics.median(run['p50'] for run in runs):>7.2f} "
+                      f"{1000 * statistics.median(run['p99'] for run in runs):>7.2f} "
+                      f"{max(run['lag_bytes'] for run in runs) / MIB:>6.2f} MiB "
+                      f"{max(run['lag_seconds'] for run in runs):>9.3f}", flush=True)
     return 0
 
 
@@ -352,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a replica to resume on when the server refuses connections (repeatable)")
     parser.add_argument("--ack-log", help="append a line per acknowledged chunk and per resumption to this file")
     parser.add_argument("--measure", action="store_true", help="measure sync vs async throughput (starts servers)")
+    parser.add_argument("--measure-replication", action="store_true",
+                        help="measure no replication vs sync vs async (one local replica; starts servers)")
     parser.add_argument("--measure-mib", type=int, default=32, help="--measure: upload size in MiB (default: 32)")
     parser.add_argument("--chunk-kib", default="64,256,1024,8192", help="--measure: chunk sizes in KiB")
     parser.add_argument("--repeat", type=int, default=5, help="--measure: runs per figure (the median is shown)")
@@ -360,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.measure:
         return measure(arguments)
+    if arguments.measure_replication:
+        return measure_replication(arguments)
     if arguments.file is None:
         parser.error("a file to upload is needed (or --measure)")
     return run_upload(arguments)

@@ -266,15 +266,17 @@ def kill_primary_trial(backend: str, mode: str, work: str, seed: int) -> dict:
                                    "--failover", f"127.0.0.1:{replica.port}"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert wait_until(lambda: os.path.exists(ack_log) and any(
-            offset >= kill_after for _, _, offset, _ in read_ack_log(ack_log)), timeout=30)
+            offset >= kill_after for _, _, offset, _ in read_ack_log(ack_log)), timeout=30), \
+            f"seed {seed}: no acknowledgement past {kill_after}\n{primary.stderr_text}\n{replica.stderr_text}"
         time.sleep(extra_delay)
         reported = replica_stats(primary) if mode == "async" else {"lag_bytes": 0}
         reported_at = time.time()
         killed_at = time.time()
-        assert primary.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert primary.stop(signal.SIGKILL) == -signal.SIGKILL, f"seed {seed}: {primary.stderr_text}"
         shutil.rmtree(primary_dir)
         output, errors = client.communicate(timeout=60)
-        assert client.returncode == 0 and "verified=yes" in output, errors
+        assert client.returncode == 0 and "verified=yes" in output, \
+            f"seed {seed}: {output}\n{errors}\nreplica:\n{replica.stderr_text}"
     finally:
         if client is not None and client.poll() is None:
             client.kill()

@@ -56,7 +56,7 @@ DEFAULT_REPLICA_TIMEOUT = 5.0
 DEFAULT_MAX_BACKLOG_BYTES = 64 * 1024 * 1024
 STOP_DRAIN_SECONDS = 5.0              # async mode: how long a clean stop waits for the replicas to take the backlog
 SHIPMENT_BYTES = 4 * 1024 * 1024     # one replication PATCH carries at most this much (a catch-up is several)
-READ_PIECE_BYTES = 1024 * 1024
+READ_PIECE_BYTES = SHIPMENT_BYTES    # a shipment is read in one piece: one open and one read, sent as it is
 RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0)  # async sender: pauses after successive failures (the last one repeats)
 
 

@@ -466,9 +466,12 @@ class UploadStore:
                            if start < offset + size and start + len(data) > offset]
             file = await upload.files.open_data(os.O_RDONLY)
             try:
-                data = bytearray(await file.read_at(size, offset))
+                on_disk = await file.read_at(size, offset)
             finally:
                 await file.aclose()
+        if not pending:
+            return on_disk  # the usual case (sync durability, or flushed already): no copy
+        data = bytearray(on_disk)
         data.extend(bytes(size - len(data)))  # a buffered tail not yet in the file
         for start, piece in pending:
             low, high = max(start, offset), min(start + len(piece), offset + size)
