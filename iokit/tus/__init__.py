@@ -8,6 +8,8 @@ The parts, each usable alone:
 * ``store``: the table of uploads, chunks being written, and the two durability modes (``sync``: fdatasync and record
   before the 204; ``async``: acknowledge from memory, a flusher syncs every 200 ms);
 * ``server``: the routes on the shared HTTP core, and the service that serves them with the store's lifespan;
+* ``replication``: a primary's chunks on its replicas, sync (the 204 waits for them) or async (a sender per replica,
+  a bounded backlog, the lag in ``GET /stats``);
 * ``limits``: every bound, in one place.
 
 See ``docs/patterns.md`` section 2 for the protocol as served, the durability trade-off and its measured cost.
