@@ -188,6 +188,9 @@ class Subscriber:
         self.wake = wake
         self.closed: str | None = None
         self.dropped = 0          # events dropped since the last take (policy drop)
+        # Events up to this sequence number reached the client already (a client resuming ahead of a shared log's
+        # reader in this process: another server had sent it more); ``offer`` skips them.
+        self.resume_after = 0
         self._queue: collections.deque[Event] = collections.deque()
         self._queued_bytes = 0
 
@@ -196,6 +199,8 @@ class Subscriber:
         ended (policy ``disconnect``)."""
         if self.closed is not None:
             return False
+        if event.seq <= self.resume_after:
+            return True
         while self._queue and self._is_full_with(event):
             if self.policy is SlowPolicy.DISCONNECT:
                 self.close("overflow")
@@ -281,8 +286,12 @@ class Broker:
         """Add an event with ``data`` (one line of JSON) on ``topic`` to the ring and to every subscriber's queue.
         Return the event and how many subscribers it was queued for (those the policy ended are not counted)."""
         event = self.ring.append(topic, data)
-        delivered = sum(subscriber.offer(event) for subscriber in self._topics.get(topic, ()))
-        return event, delivered
+        return event, self.deliver(event)
+
+    def deliver(self, event: Event) -> int:
+        """Offer an event numbered elsewhere (a shared log: ``iokit.redis.events``) to the subscribers of its topic,
+        without keeping it in the ring; return how many queued it."""
+        return sum(subscriber.offer(event) for subscriber in self._topics.get(event.topic, ()))
 
     @property
     def subscribers(self) -> int:
