@@ -31,7 +31,7 @@ import pytest
 
 from example_servers import _backend_params, backend_name, wait_until  # noqa: F401
 from test_upload import (CLIENT, KIB, MIB, SHM, create, fast_dir, offset_of, patch, random_file,  # noqa: F401
-                         read_ack_log, sha256_of, start_upload_server, tus)
+                         raw_patch_head, read_ack_log, sha256_of, start_upload_server, tus)
 
 SYNC_CI_TRIALS = 3
 SYNC_FULL_TRIALS = 20
@@ -126,11 +126,14 @@ def test_sync_every_acknowledged_chunk_is_on_the_replica(backend_name, fast_dir)
         assert status == 204 and tus(replica, "HEAD", path)[0] == 404
 
 
-def test_sync_replica_down_is_503_and_the_chunk_is_taken_back(backend_name, fast_dir):
-    replica = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-down-{backend_name}"))
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_sync_replica_down_is_503_and_the_chunk_is_taken_back(backend_name, fast_dir, durability):
+    """Whatever the primary's own durability: in async durability the chunk is written in place, not buffered, so
+    that none of it counts before the replicas have it."""
+    replica = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-down-{backend_name}-{durability}"))
     try:
-        with start_primary(backend_name, os.path.join(fast_dir, f"primary-down-{backend_name}"), replica.process,
-                           "sync", "--replica-timeout", "2") as primary:
+        with start_primary(backend_name, os.path.join(fast_dir, f"primary-down-{backend_name}-{durability}"),
+                           replica.process, "sync", "--replica-timeout", "2", "--durability", durability) as primary:
             path = create(primary, 300)
             assert patch(primary, path, 0, b"a" * 100)[0] == 204
             replica.stop()
@@ -143,6 +146,33 @@ def test_sync_replica_down_is_503_and_the_chunk_is_taken_back(backend_name, fast
             assert patch(primary, path, 200, b"c" * 100)[0] == 204
             assert offset_of(replica.process, path) == 300
             assert tus(replica.process, "GET", path)[2] == b"a" * 100 + b"b" * 100 + b"c" * 100
+    finally:
+        replica.close()
+
+
+def cut_off_patch(server, path: str, declared: int, sent: bytes) -> None:
+    """Send a PATCH head declaring ``declared`` bytes, only ``sent`` of them, and close."""
+    with socket.create_connection(server.address) as connection:
+        connection.sendall(raw_patch_head(path, 0, declared) + sent)
+        time.sleep(0.2)
+
+
+def test_sync_a_cut_off_body_is_kept_only_if_the_replica_takes_it(backend_name, fast_dir):
+    replica = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-cut-{backend_name}"))
+    try:
+        with start_primary(backend_name, os.path.join(fast_dir, f"primary-cut-{backend_name}"), replica.process,
+                           "sync", "--replica-timeout", "1") as primary:
+            kept = create(primary, 1000)
+            cut_off_patch(primary, kept, 1000, b"k" * 400)
+            assert wait_until(lambda: tus(primary, "HEAD", kept)[0] == 200 and offset_of(primary, kept) == 400, 5)
+            assert offset_of(replica.process, kept) == 400
+            dropped = create(primary, 1000)
+            replica.stop()
+            cut_off_patch(primary, dropped, 1000, b"d" * 400)
+            time.sleep(1.5)  # the replica's timeout passes, the kept bytes are taken back
+            assert wait_until(lambda: tus(primary, "HEAD", dropped)[0] == 200, 5)
+            assert offset_of(primary, dropped) == 0
+            replica.restart()
     finally:
         replica.close()
 
