@@ -363,7 +363,8 @@ typedef struct Conn {
 	 * writer's bytes are, so a cancelled or failed send_all reports exactly how much of it went out. */
 	long long enqueued_total, sent_total, writer_start;
 	Py_ssize_t writer_len;
-	struct iovec *iov;           /* uring: the in-flight send's iovecs and msghdr (stable until its CQE) */
+	struct iovec *iov;           /* the send's iovecs (uring: with the msghdr, stable until its CQE) */
+	int iov_cap;                 /* grown to what a send needs: an idle connection keeps a small array */
 	struct msghdr msg;
 	struct Conn *next_dirty;
 	struct Conn *next_dead;
@@ -742,8 +743,14 @@ static int serve_from_queue(Conn *c, Trap *t)
 		if (used > 0) {
 			c->rq_start += used;
 			c->rq_len -= used;
-			if (!c->rq_len)
+			if (!c->rq_len) {
 				c->rq_start = 0;
+				if (c->rq_cap > 16384) { /* a burst grew it: an idle connection should not keep it */
+					PyMem_Free(c->rq);
+					c->rq = NULL;
+					c->rq_cap = 0;
+				}
+			}
 		}
 		return 1;
 	}
@@ -905,10 +912,14 @@ static int fill_iov(Conn *c)
 {
 	int count = c->nsegs < IOV_BATCH ? c->nsegs : IOV_BATCH, i;
 
-	if (!c->iov) {
-		c->iov = PyMem_Malloc(IOV_BATCH * sizeof *c->iov);
-		if (!c->iov)
+	if (count > c->iov_cap) {
+		int cap = count < 4 ? 4 : count;
+		struct iovec *grown = PyMem_Realloc(c->iov, (size_t)cap * sizeof *grown);
+
+		if (!grown)
 			return -1;
+		c->iov = grown;
+		c->iov_cap = cap;
 	}
 	for (i = 0; i < count; i++) {
 		c->iov[i].iov_base = c->segs[i].data + (i == 0 ? c->head_sent : 0);

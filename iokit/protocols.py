@@ -174,6 +174,7 @@ class StreamTransport:
         self._reading = True
         self._closing = False       # close() or abort() was called, or the connection failed
         self._closed_by_user = False
+        self._send_scope: CancelScope | None = None
         self._aborting = False
         self._eof_to_send = False
         self._lost_error: BaseException | None = None
@@ -228,10 +229,14 @@ class StreamTransport:
             with self._queue_lock:
                 data, self._queue = self._queue, bytearray()
             if data:
+                self._send_scope = CancelScope()  # abort() cuts a send in progress short
                 try:
-                    await self._stream.sendall(data)
+                    with self._send_scope:
+                        await self._stream.sendall(data)
                 except OSError as error:
                     self._fail(error)
+                    return
+                if self._send_scope.cancelled_caught:
                     return
                 if self._writing_paused and len(self._queue) <= self._low:
                     self._writing_paused = False
@@ -303,6 +308,8 @@ class StreamTransport:
         self._aborting = True
         with self._queue_lock:
             self._queue.clear()
+        if self._send_scope is not None:
+            self._send_scope.cancel()
         self._close()
 
     def is_closing(self) -> bool:

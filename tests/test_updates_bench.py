@@ -77,7 +77,8 @@ def test_the_sweep_reports_the_figures_and_push_costs_fewer_requests_than_short_
         extra = row.extra
         assert extra["updates"] == extra["expected_updates"] == 2, row
         assert extra["requests_per_s"] >= 0 and extra["bytes_per_s"] > 0, row
-        assert extra["server_cpu_us_per_update"] > 0 and row.cpu_s > 0, row
+        # CPU is counted in 10 ms ticks: a long-poll or push row of 2 clients over 2 s may well take none.
+        assert extra["server_cpu_us_per_update"] >= 0 and row.cpu_s >= 0, row
         assert extra["seconds_between_updates_per_client"] > updates.POLL_INTERVAL_S
         assert extra["window_seconds"] >= 2.0
         assert extra["held"] == {"short": 0, "long": clients, "push": clients}[mode], row
