@@ -54,12 +54,12 @@ def start_primary(backend: str, directory: str, replica, mode: str, *arguments: 
     return start_upload_server(backend, directory, "--replica", replica.url, "--replication", mode, *arguments)
 
 
-def restart_replica(backend: str, directory: str, port: int):
+def restart_replica(backend: str, directory: str, port: int, *arguments: str):
     """Start the replica again on ``port``, retrying while the stopped one's port is still being released."""
     started = []
 
     def try_to_start() -> bool:
-        process = start_replica(backend, directory, port=port)
+        process = start_replica(backend, directory, *arguments, port=port)
         try:
             process.start()
         except AssertionError:
@@ -73,18 +73,19 @@ def restart_replica(backend: str, directory: str, port: int):
 class StoppableReplica:
     """A replica a test stops and starts again on the same port and directory; ``close()`` whatever its state."""
 
-    def __init__(self, backend: str, directory: str):
-        self.backend, self.directory = backend, directory
-        self.process = start_replica(backend, directory)
+    def __init__(self, backend: str, directory: str, *arguments: str):
+        self.backend, self.directory, self.arguments = backend, directory, arguments
+        self.process = start_replica(backend, directory, *arguments)
         self.process.start()
         self.port = self.process.port
 
-    def stop(self) -> None:
-        assert self.process.stop() == 0, self.process.stderr_text
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        code = self.process.stop(sig)
+        assert code == (0 if sig == signal.SIGTERM else -sig), self.process.stderr_text
         self.process.close()
 
     def restart(self) -> None:
-        self.process = restart_replica(self.backend, self.directory, self.port)
+        self.process = restart_replica(self.backend, self.directory, self.port, *self.arguments)
 
     def close(self) -> None:
         self.process.close()
@@ -249,6 +250,27 @@ def test_async_backlog_is_bounded_and_a_returning_replica_catches_up(backend_nam
             assert offset_of(replica.process, first) == offset == offset_of(primary, first)
             assert offset_of(replica.process, second) == 0
             assert patch(primary, first, offset, b"z" * 10)[0] == 204  # and it serves again
+    finally:
+        replica.close()
+
+
+def test_async_a_replica_that_lost_data_in_a_crash_gets_it_again(backend_name, fast_dir):
+    """The replica acknowledges from memory and syncs every 30 s, then is killed: it comes back without the bytes of
+    a finished upload; the primary notices the restart (a new epoch) and ships them again."""
+    source = random_file(fast_dir, 2 * MIB, f"lost-{backend_name}.bin")
+    replica = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-lost-{backend_name}"),
+                               "--durability", "async", "--flush-interval", "30")
+    try:
+        with start_primary(backend_name, os.path.join(fast_dir, f"primary-lost-{backend_name}"), replica.process,
+                           "async") as primary:
+            path = upload_with_client(primary, source, "--chunk-size", str(256 * KIB))
+            assert wait_until(lambda: replica_stats(primary)["lag_bytes"] == 0, timeout=10)
+            time.sleep(1.5)  # the primary's link has seen the replica's epoch
+            replica.stop(signal.SIGKILL)
+            replica.restart()
+            assert wait_until(lambda: offset_of(replica.process, path) == 2 * MIB, timeout=10)
+            assert download_sha256(replica.process, path) == sha256_of(source)
+            assert "restarted; checking every upload there" in primary.stderr_text
     finally:
         replica.close()
 

@@ -26,7 +26,11 @@ chunk it made durable whose 204 never reached the primary (a timeout), which the
 client may send other bytes in its place. The primary then sends ``Iokit-Rewind: 1`` with the PATCH at its own offset,
 and the replica cuts its copy back first. The same path catches up a replica that restarted (it resumes from the
 offset it kept) and one that was away while uploads were created (404, so created). At start the primary queues every
-upload it holds (async mode), so what was not shipped before a restart is shipped after it.
+upload it holds (async mode), so what was not shipped before a restart is shipped after it. An idle link asks its
+replica every second for its epoch (``GET /stats``: a new one each time its store opens); a replica that restarted
+may have lost what its own durability had not kept, even of finished uploads, so every upload is checked there again.
+When the primary takes a chunk back (sync), every replica's ``confirmed`` falls to the chunk's start, also on the
+replicas that did take it.
 
 One connection per replica, one exchange at a time: in sync mode concurrent uploads take turns on it (a limit, not a
 rule: a pool of connections would lift it).
@@ -37,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import json
 import math
 import sys
 import threading
@@ -58,6 +63,7 @@ STOP_DRAIN_SECONDS = 5.0              # async mode: how long a clean stop waits 
 SHIPMENT_BYTES = 4 * 1024 * 1024     # one replication PATCH carries at most this much (a catch-up is several)
 READ_PIECE_BYTES = SHIPMENT_BYTES    # a shipment is read in one piece: one open and one read, sent as it is
 RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0)  # async sender: pauses after successive failures (the last one repeats)
+PROBE_INTERVAL = 1.0                  # how often an idle link asks the replica whether it restarted (GET /stats)
 
 
 class ReplicationMode(enum.Enum):
@@ -96,6 +102,9 @@ class ReplicaLink:
         self.store = store
         self.timeout = timeout
         self.connection = HttpConnection(Endpoint.from_url(url), timeout)
+        # The restart probe has a connection of its own: a probe that hangs (a replica that is stopping accepts into
+        # its backlog and never answers) must never hold up a chunk's shipment behind ``exchange_lock``.
+        self.probe_connection = HttpConnection(Endpoint.from_url(url), min(timeout, PROBE_INTERVAL))
         self.confirmed: dict[str, int] = {}  # per upload: below this, whatever the replica holds is the primary's
         self.in_step: set[str] = set()       # uploads whose replica offset *is* ``confirmed`` (else: HEAD it first)
         self.exchange_lock = iokit.Lock()
@@ -108,6 +117,7 @@ class ReplicaLink:
         self.failures = 0
         self.last_error: str | None = None
         self.up = False
+        self.replica_epoch: str | None = None  # the replica store's run, from its GET /stats: a new one is a restart
 
     # -- bringing one upload up to date ------------------------------------------------------------------------------
 
@@ -186,6 +196,28 @@ class ReplicaLink:
             raise ReplicaFailed(f"creating {upload.id}: {response.status} {response.body[:200]!r}")
         return int(response.headers.get("upload-offset", "0")), True
 
+    def took_back(self, upload_id: str, offset: int) -> None:
+        """The primary cut ``upload_id`` back to ``offset`` (a chunk another replica did not confirm): whatever this
+        replica holds past it is not ours any more."""
+        if upload_id in self.confirmed:
+            self.confirmed[upload_id] = min(self.confirmed[upload_id], offset)
+        self.in_step.discard(upload_id)
+
+    async def replica_restarted(self) -> bool:
+        """Ask the replica for its epoch; return ``True`` if it differs from the one seen before (it restarted, and
+        may have lost what its own durability did not keep). A replica that does not answer is not a restart."""
+        try:
+            response = await self.probe_connection.request("GET", "/stats")
+            epoch = json.loads(response.body)["epoch"] if response.status == 200 else None
+        except (HttpClientError, ValueError, KeyError, TypeError):
+            return False  # down or stopping: the shipments say so; a restart is seen once it answers
+        restarted = self.replica_epoch is not None and epoch != self.replica_epoch
+        self.replica_epoch = epoch
+        if restarted:
+            _log(f"{self.url} restarted; checking every upload there")
+            self.in_step.clear()
+        return restarted
+
     async def delete(self, upload_id: str) -> None:
         """Terminate the upload on the replica too (one it never had is fine). Raises ``ReplicaFailed``."""
         async with self.exchange_lock:
@@ -233,7 +265,11 @@ class ReplicaLink:
                 else:  # every entry of the same upload at the head of the queue: one shipment
                     batch = [head] if head.delete else list(_leading_run(self.backlog, head.upload))
             if head is None:
-                await arrived.wait()
+                with iokit.move_on_after(PROBE_INTERVAL):
+                    await arrived.wait()
+                if not arrived.is_set() and await self.replica_restarted():
+                    for upload in self.store.uploads():  # finished ones too: it may have lost their tails
+                        self.enqueue(upload, upload.offset, 0)
                 continue
             try:
                 if head.delete:
@@ -258,6 +294,14 @@ class ReplicaLink:
 
     async def aclose(self) -> None:
         await self.connection.aclose()
+        await self.probe_connection.aclose()
+
+
+async def _watch_for_restarts(link: ReplicaLink) -> None:
+    """Sync mode: notice a replica's restart, so that the next chunk of each upload first asks where it stands."""
+    while True:
+        await iokit.sleep(PROBE_INTERVAL)
+        await link.replica_restarted()
 
 
 def _leading_run(backlog, upload: Upload):
@@ -314,8 +358,13 @@ class Replication:
     async def after_commit(self, upload: Upload, start: int, end: int) -> None:
         """A chunk was kept (``UploadStore.patch``'s hook): sync, on every replica or 503; async, queued."""
         if self.mode is ReplicationMode.SYNC:
-            await self._on_every_replica(lambda link: link.bring_up_to(upload, end),
-                                         f"bytes {start}..{end} of {upload.id}")
+            try:
+                await self._on_every_replica(lambda link: link.bring_up_to(upload, end),
+                                             f"bytes {start}..{end} of {upload.id}")
+            except HttpError:  # the store takes the chunk back: so must every replica that did take it
+                for link in self.links:
+                    link.took_back(upload.id, start)
+                raise
         else:
             for link in self.links:
                 link.enqueue(upload, end, end - start)
@@ -360,7 +409,9 @@ class Replication:
             for link in self.links:
                 link.confirmed.setdefault(upload.id, upload.offset)
         if self.mode is not ReplicationMode.ASYNC:
-            await iokit.sleep_forever()
+            async with iokit.TaskGroup() as tasks:
+                for link in self.links:
+                    tasks.spawn(_watch_for_restarts, link, name="replica-probe")
         for upload in self.store.uploads():
             for link in self.links:
                 link.enqueue(upload, upload.offset, 0)

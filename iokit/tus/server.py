@@ -139,7 +139,8 @@ class UploadHandlers:
 
     async def statistics(self, request) -> Response:
         """``GET /stats``: the uploads held, and the replication's lag per replica (bytes and seconds behind)."""
-        figures = {"uploads": len(self.store.uploads()), "durability": self.store.durability.value,
+        figures = {"epoch": self.store.epoch, "uploads": len(self.store.uploads()),
+                   "durability": self.store.durability.value,
                    "replication": None if self.replication is None else self.replication.statistics()}
         return Response.json(figures, headers=[("Cache-Control", "no-store")])
 

@@ -33,6 +33,7 @@ import dataclasses
 import enum
 import math
 import os
+import secrets
 import sys
 import threading
 import time
@@ -125,6 +126,7 @@ class UploadStore:
         self._lock = threading.Lock()
         self._wake_flusher = iokit.Event()
         self._creating: list[int] = []  # the lengths of creations under way: promised, not yet in the table
+        self.epoch = secrets.token_hex(8)  # this run of the store: a primary tells a restarted replica by it
 
     # -- starting and stopping ---------------------------------------------------------------------------------------
 
