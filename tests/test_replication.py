@@ -151,6 +151,29 @@ def test_sync_replica_down_is_503_and_the_chunk_is_taken_back(backend_name, fast
         replica.close()
 
 
+def test_sync_a_chunk_taken_back_is_rewound_on_the_replica_that_took_it(backend_name, fast_dir):
+    """Two replicas, one down: the other takes the chunk, the primary answers 503 and takes it back; the client then
+    sends other bytes at that offset, and both replicas end up with those, not the first ones."""
+    steady = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-steady-{backend_name}"))
+    away = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-away2-{backend_name}"))
+    try:
+        with start_upload_server(backend_name, os.path.join(fast_dir, f"primary-two-{backend_name}"),
+                                 "--replica", steady.process.url, "--replica", away.process.url,
+                                 "--replica-timeout", "1") as primary:
+            path = create(primary, 200)
+            away.stop()
+            assert patch(primary, path, 0, b"1" * 100)[0] == 503
+            assert offset_of(primary, path) == 0 and offset_of(steady.process, path) == 100  # it took them
+            away.restart()
+            assert patch(primary, path, 0, b"2" * 100)[0] == 204
+            assert patch(primary, path, 100, b"3" * 100)[0] == 204
+            for replica in (steady, away):
+                assert tus(replica.process, "GET", path)[2] == b"2" * 100 + b"3" * 100
+    finally:
+        steady.close()
+        away.close()
+
+
 def cut_off_patch(server, path: str, declared: int, sent: bytes) -> None:
     """Send a PATCH head declaring ``declared`` bytes, only ``sent`` of them, and close."""
     with socket.create_connection(server.address) as connection:
