@@ -21,19 +21,19 @@ Two modes, the seed's two kinds of asynchrony side by side:
 What the primary believes about a replica is ``confirmed``: per upload, the offset below which the replica's bytes are
 the primary's own (each 204 of the replica moves it; at start, what the primary holds). After any failure the primary
 no longer knows where the replica stands, and asks: HEAD the replica (404: create it there), and go on from the smaller
-of its offset and ``confirmed``. The replica can be *ahead*: a
-chunk it made durable whose 204 never reached the primary (a timeout), which the primary then took back, and the
-client may send other bytes in its place. The primary then sends ``Iokit-Rewind: 1`` with the PATCH at its own offset,
+of its offset and ``confirmed``. The replica can be *ahead*: a chunk it made durable whose 204 never reached the
+primary (a timeout), which the primary then took back, and the client may send other bytes in its place. The primary then sends ``Iokit-Rewind: 1`` with the PATCH at its own offset,
 and the replica cuts its copy back first. The same path catches up a replica that restarted (it resumes from the
 offset it kept) and one that was away while uploads were created (404, so created). At start the primary queues every
 upload it holds (async mode), so what was not shipped before a restart is shipped after it. An idle link asks its
 replica every second for its epoch (``GET /stats``: a new one each time its store opens); a replica that restarted
-may have lost what its own durability had not kept, even of finished uploads, so every upload is checked there again.
+may have lost what its own durability had not kept, even of finished uploads, so every upload is checked there again
+(async mode; in sync mode the next chunk of each upload asks first).
 When the primary takes a chunk back (sync), every replica's ``confirmed`` falls to the chunk's start, also on the
 replicas that did take it.
 
-One connection per replica, one exchange at a time: in sync mode concurrent uploads take turns on it (a limit, not a
-rule: a pool of connections would lift it).
+One connection per replica for the shipments, one exchange at a time (the probe has its own): in sync mode concurrent
+uploads take turns on it (a limit, not a rule: a pool of connections would lift it).
 """
 
 from __future__ import annotations
