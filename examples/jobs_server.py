@@ -27,6 +27,12 @@ runs:
 The job table and the held requests live in this process's memory: the server is ``single_process`` (``--workers``
 must be 1), and the runner is the service's lifespan, beside the accept loop.
 
+``--store redis://HOST:PORT/DB`` keeps the jobs in Redis instead (``iokit.redis.jobs``: records with versions, TTL
+expiry, every change one Lua script on Redis's clock), so ``--workers N`` and several servers serve the same jobs.
+Each process keeps its own held requests, and one subscription to the store's ``changed`` channel wakes them, whichever
+server made the change; its runner advances the shared table at its own jobs' deadlines and at least every second.
+With Redis unreachable a request gets 503 ``store_unavailable`` with Retry-After.
+
 Run: ``python examples/jobs_server.py --backend epoll --port 8080``.
 """
 
@@ -42,6 +48,8 @@ import threading
 
 import iokit
 from iokit import serve
+from iokit.redis import RedisAddress, RedisClient, RedisConnectionError, parse_redis_url
+from iokit.redis.jobs import RedisJobStore
 from iokit.http import App, HttpError, HttpLimits, HttpServer, Response, cors
 from iokit.patterns.jobs import (IdempotencyConflict, InvalidJobRequest, JobError, JobFinished, JobGone, JobNotFound,
                                  JobTable, QueueFull, TooManyWaiters, Waiter, WaiterRegistry, check_idempotency_key,
@@ -129,17 +137,14 @@ class JobsServer:
         except JobError as error:
             raise http_error(error) from None
         self._runner_wakeup.set()
-        headers = [("Location", f"/jobs/{monitor['id']}"), POLL_AGAIN_AFTER]
-        if not created:
-            headers.append(("Idempotent-Replayed", "true"))
-        return monitor_response(monitor, 202, *headers)
+        return accepted_response(monitor, created)
 
     async def get_job(self, request) -> Response:
         job_id = request.path_params["job_id"]
         try:
             long_poll = parse_long_poll(request.query, self.limits, jitter=random.random())
             if long_poll is None:
-                monitor = self._monitor(job_id)
+                monitor = await self._read_monitor(job_id)
                 terminal = monitor["status"] in ("succeeded", "failed", "canceled")
                 extra = () if terminal else (POLL_AGAIN_AFTER,)
                 if etag_matches(request.headers.get("if-none-match"), etag(monitor)):
@@ -181,7 +186,7 @@ class JobsServer:
         with self._waiters_lock:
             waiter = self.waiters.register(job_id, woken.cancel)  # first register, then look: no change slips between
         try:
-            monitor = self._monitor(job_id)
+            monitor = await self._read_monitor(job_id)
             seen = monitor["version"] if long_poll.version is None else long_poll.version
             if monitor["version"] != seen or monitor["status"] in ("succeeded", "failed", "canceled"):
                 return monitor
@@ -194,7 +199,11 @@ class JobsServer:
         # Woken by a change: answer with the monitor it came with. The table is not read again, so a thousand woken
         # requests do not queue on its lock, and a job dropped since (a short retention) is still answered.
         # Otherwise (time is up, the server stops, the client left) the job has not changed: read it as it is.
-        return waiter.news if waiter.woken else self._monitor(job_id)
+        # News of None: woken without one (a shared store's notifications were cut): read it.
+        return waiter.news if waiter.woken and waiter.news is not None else await self._read_monitor(job_id)
+
+    async def _read_monitor(self, job_id: str) -> dict:
+        return self._monitor(job_id)
 
     def _monitor(self, job_id: str) -> dict:
         with self._locked_table() as table:
@@ -239,6 +248,133 @@ class JobsServer:
                 await self._runner_wakeup.wait()
 
 
+def accepted_response(monitor: dict, created: bool) -> Response:
+    """The 202 to ``POST /jobs``: the monitor, where to poll it, and whether an idempotency key replayed it."""
+    headers = [("Location", f"/jobs/{monitor['id']}"), POLL_AGAIN_AFTER]
+    if not created:
+        headers.append(("Idempotent-Replayed", "true"))
+    return monitor_response(monitor, 202, *headers)
+
+
+def store_unavailable(error: RedisConnectionError) -> HttpError:
+    return HttpError(503, f"the job store is unavailable: {error}", error="store_unavailable",
+                     headers=[("Retry-After", "1")])
+
+
+RUNNER_POLL_SECONDS = 1.0  # the Redis store's runner advances at least this often (jobs of servers that stopped)
+RECONNECT_PAUSE = 0.5
+
+
+class RedisJobsServer(JobsServer):
+    """The same routes over ``RedisJobStore``: the jobs in Redis, the held requests in this process, woken through
+    the store's ``changed`` channel (see the module's docstring)."""
+
+    def __init__(self, limits: JobLimits, redis: RedisAddress):
+        super().__init__(limits)
+        self.redis = redis
+        self.store: RedisJobStore | None = None  # set by the lifespan
+
+    async def create_job(self, request) -> Response:
+        body = await request.read_body()
+        try:
+            key = check_idempotency_key(request.headers.get("idempotency-key"), self.limits)
+            monitor, created = await self.store.submit(parse_job_request(body, self.limits), key)
+        except JobError as error:
+            raise http_error(error) from None
+        except RedisConnectionError as error:
+            raise store_unavailable(error) from None
+        self._runner_wakeup.set()
+        return accepted_response(monitor, created)
+
+    async def cancel_job(self, request) -> Response:
+        try:
+            monitor = await self.store.cancel(request.path_params["job_id"])
+        except JobError as error:
+            raise http_error(error) from None
+        except RedisConnectionError as error:
+            raise store_unavailable(error) from None
+        self._runner_wakeup.set()
+        return monitor_response(monitor, 202)
+
+    async def stats(self, request) -> Response:
+        try:
+            counts = {"jobs": None, **await self.store.counts()}
+        except RedisConnectionError as error:
+            raise store_unavailable(error) from None
+        with self._waiters_lock:
+            counts["held"] = self.waiters.held
+        return Response.json(counts, headers=[NO_STORE])
+
+    async def _read_monitor(self, job_id: str) -> dict:
+        try:
+            return await self.store.get(job_id)
+        except RedisConnectionError as error:
+            raise store_unavailable(error) from None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self):
+        async with RedisClient(self.redis) as client:
+            self.store = RedisJobStore(client, self.limits)
+            async with client.subscription() as subscription:
+                await subscription.subscribe(self.store.changed_channel)  # before the first request is held
+                async with iokit.TaskGroup() as tasks:
+                    tasks.spawn(self.run_jobs, name="job-runner")
+                    tasks.spawn(self.wake_on_changes, subscription, name="job-changes")
+                    yield
+                    tasks.cancel_scope.cancel()
+
+    async def run_jobs(self) -> None:
+        """Advance the shared table at the next deadline Redis reports (at least every ``RUNNER_POLL_SECONDS``), and
+        whenever this server adds or cancels a job."""
+        while True:
+            self._runner_wakeup.clear()
+            try:
+                wait = await self.store.advance()
+            except RedisConnectionError:
+                wait = RECONNECT_PAUSE
+            with iokit.move_on_after(RUNNER_POLL_SECONDS if wait is None else min(wait, RUNNER_POLL_SECONDS)):
+                await self._runner_wakeup.wait()
+
+    async def wake_on_changes(self, subscription) -> None:
+        """Wake this server's long polls on each job id published on the ``changed`` channel, with the job's monitor
+        read once for all of them. When the subscription breaks, changes may have been missed: every held request is
+        woken to read its job again, and the subscription is opened anew."""
+        while True:
+            try:
+                message = await subscription.next_message()
+                if message is None:
+                    continue
+                job_id = message[1].decode()
+                with self._waiters_lock:
+                    if not self.waiters.waiting_on(job_id):
+                        continue
+                try:
+                    news = await self.store.get(job_id)
+                except JobError:
+                    news = None  # dropped meanwhile: the woken requests read it and answer 404/410
+                with self._waiters_lock:
+                    to_wake = self.waiters.notify(job_id, news)
+            except RedisConnectionError:
+                with self._waiters_lock:
+                    to_wake = self.waiters.notify_all()
+                for waiter in to_wake:
+                    waiter.wake()
+                await self._resubscribe(subscription)
+                continue
+            for waiter in to_wake:
+                waiter.wake()
+
+    @staticmethod
+    async def _resubscribe(subscription) -> None:
+        while True:
+            await iokit.sleep(RECONNECT_PAUSE)
+            try:
+                await subscription.reconnect()
+                return
+            except RedisConnectionError:
+                continue
+
+
 @functools.cache
 def _page_bytes() -> bytes:
     return PAGE.read_bytes()  # once, at the first request for it: a few KiB
@@ -248,8 +384,9 @@ def make_service(arguments) -> HttpServer:
     limits = serve.limits_from_arguments(arguments, JobLimits)
     http_limits = serve.limits_from_arguments(arguments, HttpLimits)
     check_connections(http_limits.max_connections, limits.max_held_requests, "--max-held-requests")
-    jobs = JobsServer(limits)
-    return HttpServer(jobs.app, http_limits, lifespan=jobs.lifespan, single_process=True,
+    redis = None if arguments.store == "memory" else parse_redis_url(arguments.store)  # ValueError: a usage error
+    jobs = JobsServer(limits) if redis is None else RedisJobsServer(limits, redis)
+    return HttpServer(jobs.app, http_limits, lifespan=jobs.lifespan, single_process=redis is None,
                       cors=cors.policy_from_arguments(arguments))
 
 
@@ -257,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = serve.argument_parser(__doc__.splitlines()[0], HttpLimits, JobLimits)
     parser.set_defaults(max_connections=connections_for(JobLimits.max_held_requests))
     cors.add_argument(parser)
+    parser.add_argument("--store", default="memory", metavar="memory|redis://HOST:PORT/DB",
+                        help="where the jobs live: this process's memory (default), or Redis, shared by every worker "
+                             "and server on it (then --workers may be above 1)")
     return serve.main(make_service, parser, argv)
 
 

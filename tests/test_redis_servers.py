@@ -1,16 +1,20 @@
-"""The push server with ``--store redis``: several workers and two servers on one real Redis, on every backend.
+"""The push and jobs servers with ``--store redis``: several workers and two servers on one real Redis, on every
+backend.
 
 Two servers on different ports stand in for two machines: one runs ``--workers 2`` (so its connections spread over two
-processes), the other one process. What is checked: an event published through either reaches a subscriber of the
-other; a client moved between the servers many times mid-stream, while events are published through both, receives
-every event exactly once and in order (the stream id is the event id, and any server resumes from it); an id no
-server gave is answered with ``event: reset`` whose id resumes; the servers stop cleanly (exit 0).
+processes), the other one process. Push: an event published through either reaches a subscriber of the other; a
+client moved between the servers many times mid-stream, while events are published through both, receives every event
+exactly once and in order (the stream id is the event id, and any server resumes from it); an id no server gave is
+answered with ``event: reset`` whose id resumes. Jobs: a job created through one server is polled through the other;
+long polls held on both are released when the job ends (within a second) or is canceled through the other; an
+idempotency key holds across servers; a finished job expires by Redis TTL (410). The servers stop cleanly (exit 0).
 """
 
 from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
@@ -23,6 +27,8 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server is not installed (make test installs it)")
 
 PUSH = EXAMPLES / "push_server.py"
+JOBS = EXAMPLES / "jobs_server.py"
+RETENTION_SECONDS = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +123,81 @@ def test_an_id_no_server_gave_is_reset(push_servers, backend_name):
     resumed, = read_events(first, topic, 1, last_event_id=reset.id)
     assert (resumed.id, resumed.data) == (after, '{"n":1}')
 
+
+
+# -- jobs ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jobs_servers(backend_name, redis_server):
+    flags = ("--store", redis_server.url, "--retention-seconds", str(RETENTION_SECONDS))
+    with ServerProcess(JOBS, backend_name, *flags, "--workers", "2") as first, \
+            ServerProcess(JOBS, backend_name, *flags) as second:
+        yield first, second
+
+
+def create_job(server: ServerProcess, duration_ms: int, **headers) -> dict:
+    answer = httpx.post(f"{server.url}/jobs", json={"duration_ms": duration_ms}, headers=headers, timeout=10.0)
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+def long_poll(server: ServerProcess, job: dict, results: list) -> None:
+    started = time.monotonic()
+    answer = httpx.get(f"{server.url}/jobs/{job['id']}", params={"wait": 20, "version": job["version"]}, timeout=30.0)
+    results.append((answer.status_code, answer.json(), time.monotonic() - started))
+
+
+def test_a_job_created_on_one_server_is_polled_on_the_other(jobs_servers):
+    first, second = jobs_servers
+    job = create_job(first, 600)
+    assert job["status"] == "running"
+    polled = httpx.get(f"{second.url}/jobs/{job['id']}", timeout=10.0)
+    assert polled.status_code == 200 and polled.json() == job and polled.headers["etag"] == f'"{job["version"]}"'
+    results: list = []
+    # Held on both servers, several per server (the first one's are spread over its two workers).
+    threads = [threading.Thread(target=long_poll, args=((first, second)[n % 2], job, results)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 6
+    for status, monitor, seconds in results:
+        assert status == 200 and monitor["status"] == "succeeded" and monitor["version"] == job["version"] + 1
+        assert seconds < 1.6  # the job ends 0.6 s after it was created: released within a second of its end
+    assert httpx.get(f"{first.url}/jobs/{job['id']}", timeout=10.0).json()["status"] == "succeeded"
+
+
+def test_a_cancel_on_one_server_wakes_long_polls_on_the_other(jobs_servers):
+    first, second = jobs_servers
+    job = create_job(second, 30_000)
+    results: list = []
+    thread = threading.Thread(target=long_poll, args=(first, job, results))
+    thread.start()
+    time.sleep(0.5)
+    canceled = httpx.post(f"{second.url}/jobs/{job['id']}/cancel", timeout=10.0)
+    assert canceled.status_code == 202
+    thread.join()
+    (status, monitor, seconds), = results
+    assert monitor["status"] == "canceled" and seconds < 5.0
+
+
+def test_an_idempotency_key_holds_across_servers(jobs_servers, backend_name):
+    first, second = jobs_servers
+    key = f"key-{backend_name}-{time.monotonic()}"
+    job = create_job(first, 100, **{"Idempotency-Key": key})
+    replayed = httpx.post(f"{second.url}/jobs", json={"duration_ms": 100}, headers={"Idempotency-Key": key},
+                          timeout=10.0)
+    assert replayed.status_code == 202 and replayed.json()["id"] == job["id"]
+    assert replayed.headers["idempotent-replayed"] == "true"
+    conflict = httpx.post(f"{second.url}/jobs", json={"duration_ms": 200}, headers={"Idempotency-Key": key},
+                          timeout=10.0)
+    assert conflict.status_code == 409
+
+
+def test_a_finished_job_expires_by_ttl(jobs_servers):
+    first, second = jobs_servers
+    job = create_job(first, 0)
+    assert httpx.get(f"{second.url}/jobs/{job['id']}", timeout=10.0).json()["status"] == "succeeded"
+    time.sleep(RETENTION_SECONDS + 0.5)
+    assert httpx.get(f"{second.url}/jobs/{job['id']}", timeout=10.0).status_code == 410
+    assert httpx.get(f"{first.url}/jobs/{'0' * 32}", timeout=10.0).status_code == 404

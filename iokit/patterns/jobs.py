@@ -394,6 +394,20 @@ class WaiterRegistry:
         self._count -= len(waiters)
         return waiters
 
+    def waiting_on(self, key: str) -> bool:
+        """Return whether any waiter is held on ``key``."""
+        return key in self._by_key
+
+    def notify_all(self) -> list[Waiter]:
+        """Forget every waiter, marking each woken with no news (it reads the job again), and return them: for when
+        changes may have been missed (a shared store's notifications were cut)."""
+        waiters = [waiter for waiters in self._by_key.values() for waiter in waiters]
+        self._by_key.clear()
+        for waiter in waiters:
+            waiter.registered, waiter.woken, waiter.news = False, True, None
+        self._count = 0
+        return waiters
+
     @property
     def held(self) -> int:
         return self._count
