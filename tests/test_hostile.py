@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import threading
@@ -303,6 +304,28 @@ def test_a_request_line_without_a_version_is_a_400_at_once(http_server):
     started = time.monotonic()
     status, _, body = exchange(http_server.address, b"GET /\r\n")
     assert status == 400 and time.monotonic() - started < 2, body  # before the fix: 408 after the 10 s head timeout
+
+
+@pytest.mark.parametrize("first", [
+    b"GET / HTTP/1.1\r\nHost: test\r\n\r\n",
+    b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nhi",
+    b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+], ids=["no-body", "content-length", "chunked"])
+def test_a_request_line_without_a_version_pipelined_after_a_request_is_a_400_at_once(http_server, first):
+    # in one send, so that the second request line starts inside the read that ends the first request
+    started = time.monotonic()
+    received = b""
+    with socket.create_connection(http_server.address, timeout=5) as sock:
+        sock.sendall(first + b"GET /\r\n")
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass  # the server is still waiting: the assertion below says what came
+    elapsed = time.monotonic() - started
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]  # the bodies are tiny
+    # before the fix: only the 200, then the 408 (or nothing) after the 10 s head timeout
+    assert statuses == [200, 400] and elapsed < 2, (elapsed, received)
 
 
 def test_a_chunk_extension_has_a_bound(http_server):

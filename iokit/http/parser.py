@@ -99,28 +99,6 @@ class RequestParser:
 
     def feed(self, data: bytes) -> None:
         """Parse ``data`` (the next bytes of the connection); the events it completes queue up for ``next_event()``."""
-        # llhttp takes a request line without a version for HTTP/0.9 and waits for headers that never come: look at
-        # each request line whose start we know when its end arrives. A line with a version (the usual case) is fed
-        # at once; one without is fed up to its end first, so that an error llhttp finds earlier in it wins, and the
-        # answer does not depend on how the bytes were cut.
-        while data and self._state in (_State.BETWEEN_MESSAGES, _State.HEAD):
-            if self._state is _State.BETWEEN_MESSAGES:
-                self._request_line = b""
-            if self._request_line is None:
-                break
-            line_end = data.find(b"\n")
-            if line_end < 0:
-                self._request_line = (self._request_line + data)[: self._limits.max_request_line_bytes + 2]
-                break
-            line, self._request_line = self._request_line + data[:line_end], None
-            if line.rstrip(b"\r").rpartition(b" ")[2].startswith(b"HTTP/"):
-                break
-            self._feed_part(data[:line_end])
-            if self._state is _State.HEAD:
-                self._fail(400, "malformed request: the request line has no HTTP version", report=True)
-                return
-            self._feed_part(data[line_end:line_end + 1])  # a blank line before a request, or what llhttp refused
-            data = data[line_end + 1:]
         self._feed_part(data)
 
     def _feed_part(self, data: bytes) -> None:
@@ -129,7 +107,10 @@ class RequestParser:
         # would decide whether a limit or a syntax error is seen first. So the buffers end where the bytes say, never
         # where the reads do: at each message's end (so each head's bytes are known from its start), at each
         # chunk-size line's end and at its bound; an error in a head is replayed in fine cuts (_first_head_error).
+        # A request line without a version is judged here too, for every message, also one that starts inside the
+        # piece that ended the message before it (pipelined): see _versionless_line_end.
         start = 0
+        versionless = -1  # where (in data) a request line without a version ends, while it is being fed up to there
         while start < len(data) and self._state is not _State.FAILED:
             if self._state is _State.UNKNOWN_METHOD:
                 self._classify_unknown_method(self._request_line_prefix + data[start:])
@@ -137,8 +118,35 @@ class RequestParser:
             if self._state is _State.HEAD and self._head_bytes_fed >= self._head_bound():
                 self._fail(431, "the header section is too large", report=True)
                 return
+            if versionless < 0 and (start == 0 or self._state is _State.BETWEEN_MESSAGES):
+                versionless = self._versionless_line_end(data, start)
             end = self._next_cut(data, start)
+            if versionless == start:  # the line without a version was fed up to its end, and llhttp took it all
+                if self._state is _State.HEAD:
+                    self._fail(400, "malformed request: the request line has no HTTP version", report=True)
+                    return
+                versionless, end = -1, start + 1  # a blank line before a request: its LF on its own, as llhttp skips it
+            elif versionless > start:
+                end = min(end, versionless)  # so that an error llhttp finds earlier in the line wins
             start += self._feed_piece(data[start:end])
+
+    def _versionless_line_end(self, data: bytes, start: int) -> int:
+        """Follow the request line of the message at ``start`` (or in progress there); return where in ``data`` it
+        ends (its LF) if it has no HTTP version, else -1 (it has one, it has not ended yet, or its start is unknown).
+
+        llhttp takes a request line without a version for HTTP/0.9 and waits for headers that never come, so each
+        request line whose start we know is looked at when its end arrives. Called for the start of ``data`` and for
+        every position between messages, so that each byte of a line is counted once whatever the reads."""
+        if self._state is _State.BETWEEN_MESSAGES:
+            self._request_line = b""
+        elif self._state is not _State.HEAD or self._request_line is None:
+            return -1
+        line_end = data.find(b"\n", start)
+        if line_end < 0:
+            self._request_line = (self._request_line + data[start:])[: self._limits.max_request_line_bytes + 2]
+            return -1
+        line, self._request_line = self._request_line + data[start:line_end], None
+        return -1 if line.rstrip(b"\r").rpartition(b" ")[2].startswith(b"HTTP/") else line_end
 
     def _head_bound(self) -> int:
         return self._limits.max_request_line_bytes + self._limits.max_header_bytes
