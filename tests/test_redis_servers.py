@@ -201,3 +201,41 @@ def test_a_finished_job_expires_by_ttl(jobs_servers):
     time.sleep(RETENTION_SECONDS + 0.5)
     assert httpx.get(f"{second.url}/jobs/{job['id']}", timeout=10.0).status_code == 410
     assert httpx.get(f"{first.url}/jobs/{'0' * 32}", timeout=10.0).status_code == 404
+
+
+# -- a Redis restart ----------------------------------------------------------------------------------------------------
+
+def test_both_servers_ride_out_a_redis_restart(backend_name):
+    """Redis is killed and started again on its port (durable: the stream and the jobs survive). While it is down a
+    publish and a job creation get 503 with Retry-After; once it is back, an SSE stream opened before the kill gets the
+    events published after the restart (the process's stream reader reconnected by itself), and a long poll is woken
+    by a change again (the jobs server's subscription was opened anew)."""
+    with RedisServerProcess(durable=True) as redis, \
+            ServerProcess(PUSH, backend_name, "--store", redis.url) as push, \
+            ServerProcess(JOBS, backend_name, "--store", redis.url) as jobs:
+        topic = f"restart-{backend_name}"
+        before = publish(push, topic, {"n": 0})
+        received: list = []
+        reader = threading.Thread(target=lambda: received.extend(
+            read_events(push, topic, 2, last_event_id=before, timeout=30.0)))
+        reader.start()
+        time.sleep(0.3)
+        redis.kill()
+        down = httpx.post(f"{push.url}/topics/{topic}/messages", json={"n": 1}, timeout=10.0)
+        assert down.status_code == 503 and down.headers["retry-after"] == "1"
+        job_down = httpx.post(f"{jobs.url}/jobs", json={"duration_ms": 10}, timeout=10.0)
+        assert job_down.status_code == 503 and job_down.json()["error"] == "store_unavailable"
+        redis.start()
+        after = [publish(push, topic, {"n": n}) for n in (1, 2)]
+        reader.join(timeout=20.0)
+        assert not reader.is_alive()
+        assert [event.id for event in received] == after
+        job = create_job(jobs, 30_000)
+        results: list = []
+        poll = threading.Thread(target=long_poll, args=(jobs, job, results))
+        poll.start()
+        time.sleep(0.5)
+        assert httpx.post(f"{jobs.url}/jobs/{job['id']}/cancel", timeout=10.0).status_code == 202
+        poll.join(timeout=20.0)
+        (status, monitor, seconds), = results
+        assert status == 200 and monitor["status"] == "canceled" and seconds < 5.0
