@@ -206,6 +206,9 @@ async def connect_tcp(host: str, port: int) -> SocketStream:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await perform(ops.connect(sock.fileno(), (host, port)))
     except BaseException:
+        # The connect that waited left a registration for this fd (epoll): drop it before the number is reused, or
+        # the next socket given that number never sees its readiness.
+        current_task().runtime.backend.forget(sock.fileno())
         sock.close()
         raise
     return SocketStream(sock)

@@ -663,3 +663,25 @@ def test_ipv6_loopback_echo(run):
 
     got, reply = run(main)
     assert got == data and reply == data[:10]
+
+
+def test_a_refused_connect_leaves_the_next_connect_working(run):
+    """A connect that failed after waiting must not leave its fd's registration behind (epoll): the next socket that
+    gets the same number would never see its readiness, and its connect would hang."""
+    async def main():
+        unused = socket.socket()
+        unused.bind((LOCALHOST, 0))
+        refused_port = unused.getsockname()[1]
+        unused.close()  # nobody listens there
+        for _ in range(3):
+            with pytest.raises(ConnectionRefusedError):
+                await iokit.connect_tcp(LOCALHOST, refused_port)
+        async with await iokit.open_tcp_listener(LOCALHOST, 0) as listener:
+            with fail_after(5):
+                client = await iokit.connect_tcp(LOCALHOST, listener.address[1])
+                server = await listener.accept()
+            async with client, server:
+                await client.sendall(b"ok")
+                return await receive_exactly(server, 2)
+
+    assert run(main) == b"ok"
