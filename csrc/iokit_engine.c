@@ -61,6 +61,7 @@ enum { MODE_URING = 1, MODE_EPOLL };
 #define SEND_LOW_WATER (64 * 1024)
 #define RECV_HIGH_WATER (256 * 1024)
 #define COPY_CHUNK 4096          /* smallest owned send buffer: small writes of one turn coalesce into it */
+#define PIN_AT 8192              /* a mutable buffer this large is sent from where it is (uring) or at once (epoll) */
 #define IOV_BATCH 64             /* iovecs per send */
 #define EPOLL_EVENTS 256
 #define SCRATCH_BYTES 65536      /* epoll's loop-wide receive buffer */
@@ -322,7 +323,8 @@ static PyTypeObject TrapType = {
 /* Conn                                                                                                              */
 
 typedef struct {
-	PyObject *owner;     /* the `bytes` whose memory this is, or NULL: then `data` is our malloc'd copy */
+	PyObject *owner;     /* the `bytes` whose memory this is, or NULL: then `data` is our malloc'd copy... */
+	Py_buffer *pinned;   /* ...or the caller's own buffer, pinned (uring, large): its sender waits until it is sent */
 	char *data;
 	Py_ssize_t len;
 	Py_ssize_t cap;      /* owned copies: room for small writes to coalesce into */
@@ -349,6 +351,7 @@ typedef struct Conn {
 	unsigned writer_cancelled : 1; /* uring: the parked writer was cancelled while a send was in flight */
 	unsigned send_cancel_sent : 1;
 	unsigned send_broken : 1;    /* a send_all was cancelled part way: the stream is cut, a close drops the queue */
+	unsigned writer_pinned : 1;  /* the parked writer waits for its own (pinned) bytes to be sent, not for room */
 	int error;                   /* a sticky errno: the connection failed; every later op raises it */
 	Trap *reader, *writer, *closer; /* parked traps (strong) */
 	Trap *acceptor, *acceptor_tail; /* acceptors, oldest first (several tasks may accept on one listener) */
@@ -488,16 +491,25 @@ static void mark_dirty(Loop *L, Conn *c)
 	L->dirty = c;
 }
 
+/* The kernel is done with a segment's memory: let it go (the one place, whatever kind of segment it is). */
+static void segment_release(Segment *s)
+{
+	if (s->pinned) {
+		PyBuffer_Release(s->pinned);
+		PyMem_Free(s->pinned);
+	} else if (s->owner) {
+		Py_DECREF(s->owner);
+	} else {
+		PyMem_Free(s->data);
+	}
+}
+
 static void segments_drop(Conn *c)
 {
 	int i;
 
-	for (i = 0; i < c->nsegs; i++) {
-		if (c->segs[i].owner)
-			Py_DECREF(c->segs[i].owner);
-		else
-			PyMem_Free(c->segs[i].data);
-	}
+	for (i = 0; i < c->nsegs; i++)
+		segment_release(&c->segs[i]);
 	c->nsegs = 0;
 	c->head_sent = 0;
 	c->unsent = 0;
@@ -800,7 +812,7 @@ static int enqueue(Conn *c, PyObject *obj, const char *data, Py_ssize_t len)
 		if (segments_reserve(c) < 0)
 			return -1;
 		Py_INCREF(obj);
-		c->segs[c->nsegs++] = (Segment){obj, (char *)data, len, len};
+		c->segs[c->nsegs++] = (Segment){obj, NULL, (char *)data, len, len};
 	} else if (last && !last->owner && c->nsegs > c->send_segments && last->cap - last->len >= len) {
 		/* Coalesce into the last copy, which no send in flight points into. */
 		memcpy(last->data + last->len, data, (size_t)len);
@@ -815,10 +827,29 @@ static int enqueue(Conn *c, PyObject *obj, const char *data, Py_ssize_t len)
 		if (!copy)
 			return -1;
 		memcpy(copy, data, (size_t)len);
-		c->segs[c->nsegs++] = (Segment){NULL, copy, len, cap};
+		c->segs[c->nsegs++] = (Segment){NULL, NULL, copy, len, cap};
 	}
 	c->unsent += len;
 	c->enqueued_total += len;
+	return 0;
+}
+
+/* uring, a large mutable buffer: no copy; the queue keeps the caller's buffer exported (so it cannot be resized or
+ * freed) until the kernel has sent it, and the sender waits until then, so it cannot write into it either. `view`
+ * moves into the segment. */
+static int enqueue_pinned(Conn *c, Py_buffer *view)
+{
+	Py_buffer *pinned = PyMem_Malloc(sizeof *pinned);
+
+	if (!pinned || segments_reserve(c) < 0) {
+		PyMem_Free(pinned);
+		return -1;
+	}
+	*pinned = *view;
+	view->obj = NULL;
+	c->segs[c->nsegs++] = (Segment){NULL, pinned, pinned->buf, pinned->len, pinned->len};
+	c->unsent += pinned->len;
+	c->enqueued_total += pinned->len;
 	return 0;
 }
 
@@ -839,10 +870,7 @@ static void consume(Conn *c, Py_ssize_t n)
 		}
 		n -= left;
 		c->head_sent = 0;
-		if (s->owner)
-			Py_DECREF(s->owner);
-		else
-			PyMem_Free(s->data);
+		segment_release(s);
 		done++;
 	}
 	if (done) {
@@ -865,10 +893,7 @@ static void truncate_tail(Conn *c, Py_ssize_t n)
 			break;
 		}
 		n -= sendable;
-		if (s->owner)
-			Py_DECREF(s->owner);
-		else
-			PyMem_Free(s->data);
+		segment_release(s);
 		c->nsegs--;
 		if (!c->nsegs)
 			c->head_sent = 0;
@@ -903,6 +928,7 @@ static void cut_writer(Conn *c, Trap *t)
 	else
 		sent = c->writer_len; /* others' bytes follow it: it all goes out, in order */
 	c->writer_cancelled = 0;
+	c->writer_pinned = 0;
 	c->send_broken = 1;
 	trap_fail_cancelled(t);
 	set_bytes_sent(t->error, sent);
@@ -946,6 +972,7 @@ static void fail_conn(Loop *L, Conn *c, int err)
 		complete_and_wake(L, reader);
 	}
 	if (writer) {
+		c->writer_pinned = 0;
 		trap_fail_errno(writer, err);
 		set_bytes_sent(writer->error, writer_sent(c));
 		complete_and_wake(L, writer);
@@ -999,9 +1026,11 @@ static void after_send_progress(Loop *L, Conn *c)
 		c->writing_paused = 0;
 		Py_XDECREF(protocol_call_method(L, c, c->on_resume, NULL));
 	}
-	if (c->writer && c->unsent <= SEND_LOW_WATER) {
+	if (c->writer && (c->writer_pinned ? c->sent_total >= c->writer_start + c->writer_len
+					   : c->unsent <= SEND_LOW_WATER)) {
 		Trap *writer = c->writer;
 
+		c->writer_pinned = 0;
 		c->writer = NULL;
 		if (c->error) {
 			trap_fail_errno(writer, c->error);
@@ -1400,8 +1429,55 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 			set_bytes_sent(t->error, 0);
 			return 1;
 		}
-		if (c->error || c->shut_write || enqueue(c, t->view.obj, t->view.buf, t->view.len) < 0) {
-			trap_fail_errno(t, c->error ? c->error : c->shut_write ? EPIPE : ENOMEM);
+		if (c->error || c->shut_write) {
+			trap_fail_errno(t, c->error ? c->error : EPIPE);
+			set_bytes_sent(t->error, 0);
+			return 1;
+		}
+		if (t->view.len >= PIN_AT && !c->unsent && !c->send_in_flight && !L->faults.on &&
+		    L->mode == MODE_EPOLL) {
+			/* Large, and nothing queued before it: the syscall now (what uvloop does), and only what the kernel
+			 * did not take is copied into the queue. */
+			ssize_t n = send(c->fd, t->view.buf, (size_t)t->view.len, MSG_NOSIGNAL);
+
+			L->sends++;
+			if (n < 0 && errno != EAGAIN && errno != EINTR) {
+				c->error = errno;
+				trap_fail_errno(t, errno);
+				set_bytes_sent(t->error, 0);
+				return 1;
+			}
+			if (n > 0) {
+				c->enqueued_total += n;
+				c->sent_total += n;
+			}
+			if (n == t->view.len) {
+				trap_done(t, NULL, NULL);
+				return 1;
+			}
+			if (enqueue(c, t->view.obj, (char *)t->view.buf + (n > 0 ? n : 0), t->view.len - (n > 0 ? n : 0)) < 0) {
+				trap_fail_errno(t, ENOMEM);
+				set_bytes_sent(t->error, n > 0 ? n : 0);
+				return 1;
+			}
+		} else if (L->mode == MODE_URING && t->view.len >= PIN_AT && !PyBytes_CheckExact(t->view.obj) &&
+			   !c->writer) {
+			Py_ssize_t len = t->view.len;
+
+			if (enqueue_pinned(c, &t->view) < 0) {
+				trap_fail_errno(t, ENOMEM);
+				set_bytes_sent(t->error, 0);
+				return 1;
+			}
+			mark_dirty(L, c);
+			/* Parked until the kernel has sent it all: the caller may reuse its buffer when this returns. */
+			c->writer_start = c->enqueued_total - len;
+			c->writer_len = len;
+			c->writer_pinned = 1;
+			park(&c->writer, t, task);
+			return 0;
+		} else if (enqueue(c, t->view.obj, t->view.buf, t->view.len) < 0) {
+			trap_fail_errno(t, ENOMEM);
 			set_bytes_sent(t->error, 0);
 			return 1;
 		}

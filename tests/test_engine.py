@@ -218,3 +218,30 @@ def test_a_close_does_not_wait_for_a_peer_that_never_reads(engine_backend):
     after_cancel, after_deadline = iokit.run(main, backend=engine_backend)
     assert after_cancel < 0.2, after_cancel
     assert 0.4 < after_deadline < 2.0, after_deadline
+
+
+def test_a_large_buffer_can_be_reused_as_soon_as_sendall_returns(engine_backend):
+    """Past PIN_AT a mutable buffer is not copied: uring sends it from where it is and sendall returns only once the
+    kernel has taken it all; epoll sends it at once and copies only what the kernel did not take. Either way the
+    caller may overwrite it the moment sendall returns."""
+    size = 4 << 20
+
+    async def main():
+        client, server = await tcp_pair()
+        async with client, server:
+            async with TaskGroup() as group:
+                received = bytearray()
+
+                async def read_all():
+                    while len(received) < 2 * size:
+                        received.extend(await server.receive_some(1 << 20))
+
+                group.spawn(read_all)
+                buffer = bytearray(b"a" * size)
+                await client.sendall(buffer)
+                buffer[:] = b"b" * size  # at once: nothing of the first send may see this
+                await client.sendall(memoryview(buffer))
+            return bytes(received)
+
+    received = iokit.run(main, backend=engine_backend)
+    assert received == b"a" * size + b"b" * size
