@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
+
+from .http_refs import serve_protocol  # the one place a reference server is started and stopped
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -32,16 +33,7 @@ class EchoProtocol(asyncio.Protocol):
 
 
 async def serve(host: str, port: int, label: str) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signo in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signo, stop.set)
-    server = await loop.create_server(EchoProtocol, host, port, backlog=4096)
-    bound_host, bound_port = server.sockets[0].getsockname()[:2]
-    print(f"listening on {bound_host}:{bound_port} backend={label}", flush=True)
-    await stop.wait()
-    server.close()
-    await server.wait_closed()
+    await serve_protocol(EchoProtocol, host, port, label)
 
 
 def main() -> None:
