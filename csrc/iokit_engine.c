@@ -2955,7 +2955,7 @@ static PyMethodDef loop_methods[] = {
 	 "connection and calls the protocol's methods"},
 	{"detach", (PyCFunction)loop_detach, METH_NOARGS, "detach(): after drain(), before the ring closes"},
 	{"set_faults", (PyCFunction)(void (*)(void))loop_set_faults, METH_VARARGS | METH_KEYWORDS,
-	 "set_faults(seed, eagain=0, short=0, reset=0): inject faults on the socket ops"},
+	 "set_faults(seed, eagain=0, short=0, reset=0, cancel_race=0): inject faults on the socket ops"},
 	{"statistics", (PyCFunction)loop_statistics, METH_NOARGS, "statistics() -> dict"},
 	{NULL},
 };
