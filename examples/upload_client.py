@@ -234,6 +234,22 @@ def request_once(server: Server, method, *arguments):
         connection.close()
 
 
+def request_retrying(server: Server, retry_seconds: float, method, *arguments):
+    """``request_once``, tried again for up to ``retry_seconds`` while the server cannot be reached (it may be
+    restarting, or a failover may take over): the upload is done, the question asked of it must not be lost."""
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        port = server.port
+        try:
+            return request_once(server, method, *arguments)
+        except (OSError, http.client.HTTPException) as error:
+            if time.monotonic() > deadline:
+                raise UploadFailed(f"gave up after {retry_seconds} s: {error}") from error
+            if isinstance(error, ConnectionRefusedError):
+                server.fail_over(port)
+            time.sleep(RETRY_PAUSE)
+
+
 def parse_order(arguments) -> list[int]:
     """Return the part numbers (1-based) in sending order: ``--order``, or 1..``--parts``; empty for one upload."""
     if arguments.order:
@@ -271,7 +287,11 @@ def run_upload(arguments) -> int:
     elapsed = time.monotonic() - started
     size = os.path.getsize(arguments.file)
     expected = file_sha256(arguments.file)
-    received = request_once(server, TusConnection.sha256, path)
+    try:
+        received = request_retrying(server, arguments.retry_seconds, TusConnection.sha256, path)
+    except UploadFailed as error:
+        print(f"could not verify {path}: {error}", file=sys.stderr)
+        return 1
     verified = "yes" if received == expected else "NO"
     print(f"uploaded {path} bytes={size} sha256={received} verified={verified} elapsed={elapsed:.2f}s "
           f"rate={size / MIB / elapsed:.1f}MiB/s", flush=True)

@@ -48,8 +48,13 @@ def kill_point(rng: random.Random) -> tuple[int, float]:
 def acknowledged_by_the_killed_server(ack_log: str, killed_at: float) -> tuple[int, int]:
     """Return (the highest offset the first server acknowledged, the offset the restarted server resumed at)."""
     events = read_ack_log(ack_log)
-    first_resume = next(index for index, (event, when, _, _) in enumerate(events)
-                        if event == "resume" and when > killed_at)
+    first_resume = next((index for index, (event, when, _, _) in enumerate(events)
+                         if event == "resume" and when > killed_at), None)
+    if first_resume is None:
+        # The kill landed after the last PATCH was acknowledged: the client had nothing to resume, and its verified
+        # sha256 came from the restarted server, which therefore holds every byte.
+        assert events[-1][0] == "ack" and events[-1][2] == UPLOAD_SIZE, events[-3:]
+        return UPLOAD_SIZE, UPLOAD_SIZE
     acknowledged = max((offset for event, _, offset, _ in events[:first_resume] if event == "ack"), default=0)
     _, _, resumed_offset, resumed_durable = events[first_resume]
     assert resumed_offset == resumed_durable, "after a restart the offset must be the durable one"
@@ -65,10 +70,11 @@ def kept_bytes_match(directory: str, source: str) -> bool:
         return data == original.read(len(data))
 
 
-def kill_trial(backend: str, work: str, seed: int) -> dict:
-    """Run one upload, kill -9 the server at a random point, restart it, let the client finish. Return the figures."""
+def kill_trial(backend: str, work: str, seed: int, at: tuple[int, float] | None = None) -> dict:
+    """Run one upload, kill -9 the server at a random point (or ``at``: an offset and a delay), restart it, let the
+    client finish. Return the figures."""
     rng = random.Random(seed)
-    wait_for_offset, extra_delay = kill_point(rng)
+    wait_for_offset, extra_delay = at or kill_point(rng)
     directory = os.path.join(work, f"uploads-{seed}")
     source = random_file(work, UPLOAD_SIZE, f"source-{seed}.bin")
     ack_log = os.path.join(work, f"acks-{seed}.log")
@@ -118,3 +124,11 @@ def run_trials(backend: str, trials: int, tmp_path) -> None:
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_kill_9_at_random_points_loses_no_acknowledged_byte(backend, trials, tmp_path):
     run_trials(backend, trials, tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_kill_after_the_last_acknowledgement_still_verifies(backend, tmp_path):
+    """The latest kill point: the upload is complete and the client is asking for its sha256 when the server dies.
+    The client must ask the restarted server again, which must hold every byte."""
+    result = kill_trial(backend, str(tmp_path), seed=1, at=(UPLOAD_SIZE, 0.0))
+    assert result["acknowledged"] == result["resumed"] == UPLOAD_SIZE, result
