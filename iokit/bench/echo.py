@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from .context import BenchRun
 from .loadgen import run_load
-from .processes import Server
+from .processes import Server, python_module_command
 from .results import summarize
-from .servers import echo_server_specs, sweep
+from .servers import HOST, ServerSpec, echo_server_specs, sweep
 
 NAME = "echo"
 WORKLOADS = ("echo",)
@@ -29,13 +29,26 @@ def configurations(run: BenchRun) -> list[dict]:
             for connections in settings.connections]
 
 
+# The asyncio reference server, unchanged, on iokit.asyncio's loop: "<backend>:asyncio" rows, next to ref:asyncio
+# and ref:uvloop running the same code.
+ASYNCIO_LOOP_BACKENDS = ("uring", "epoll")
+
+
+def server_specs(run: BenchRun) -> list[ServerSpec]:
+    specs = echo_server_specs(run)
+    specs += [ServerSpec(f"{backend}:asyncio", python_module_command(
+        "iokit.bench.asyncio_echo", "--loop", f"iokit-{backend}", "--host", HOST, "--port", "0"))
+        for backend in ASYNCIO_LOOP_BACKENDS if backend in run.backends]
+    return specs
+
+
 def planned(run: BenchRun) -> int:
-    return len(configurations(run)) * len(echo_server_specs(run))
+    return len(configurations(run)) * len(server_specs(run))
 
 
 def run(run: BenchRun) -> None:
     loadgen = run.c_program("loadgen")
-    specs = echo_server_specs(run)
+    specs = server_specs(run)
     if loadgen is None:
         for spec in specs:
             run.skip("echo", spec.name, f"the load generator cannot be built: {run.build_failures['loadgen']}")
