@@ -54,6 +54,9 @@ _METHOD_CHARACTER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]")
 _FRAMING_FIELDS = frozenset({"host", "content-length", "transfer-encoding", "expect"})
 # Bytes the request line of a message adds around its target: method and the " HTTP/1.1\r\n" after the target.
 _REQUEST_LINE_OVERHEAD = len(b"  HTTP/1.1\r\n")
+_LONGEST_METHOD = 32
+_FRAMING_NAME_LENGTHS = frozenset(len(name) for name in _FRAMING_FIELDS)
+_FRAMING_FIELD_BYTES = frozenset(name.encode("ascii") for name in _FRAMING_FIELDS)
 
 
 class _State(enum.Enum):
@@ -83,6 +86,7 @@ class RequestParser:
 
     def __init__(self, limits: HttpLimits = DEFAULT_LIMITS):
         self._limits = limits
+        self._max_header_fields, self._max_header_bytes = limits.max_header_fields, limits.max_header_bytes
         self._parser = httptools.HttpRequestParser(_Callbacks(self))
         # Let any digit version through llhttp so that *we* answer 1.2 or 3.0 with 505 rather than llhttp with 400.
         self._parser.set_dangerous_leniencies(lenient_version=True)
@@ -90,6 +94,7 @@ class RequestParser:
         self._state = _State.BETWEEN_MESSAGES
         self._failure: HttpError | None = None
         self._start_head()
+        self._start_chunks()
         self._request_line_prefix: bytes | None = b""  # the head so far (405 vs 400, the replay of a failing head)
         self._request_line: bytes | None = b""  # the request line so far, until its end (None: its start is unknown)
         self._tail = b""  # the last two bytes fed to httptools (a blank line may straddle two pieces)
@@ -112,6 +117,12 @@ class RequestParser:
         start = 0
         versionless = -1  # where (in data) a request line without a version ends, while it is being fed up to there
         while start < len(data) and self._state is not _State.FAILED:
+            if self._state is _State.BETWEEN_MESSAGES and not self._fine:
+                whole = self._whole_head_end(data, start)
+                if whole:  # the common case, cut where the general path below would cut it, found in fewer steps
+                    self._request_line = None
+                    start += self._feed_piece(data[start:whole])
+                    continue
             if self._state is _State.UNKNOWN_METHOD:
                 self._classify_unknown_method(self._request_line_prefix + data[start:])
                 return
@@ -129,6 +140,22 @@ class RequestParser:
             elif versionless > start:
                 end = min(end, versionless)  # so that an error llhttp finds earlier in the line wins
             start += self._feed_piece(data[start:end])
+
+    def _whole_head_end(self, data: bytes, start: int) -> int:
+        """Where in ``data`` the head that starts at ``start`` ends, if all of it is there, within its bound, with a
+        request line that has a version and no blank line before it; else 0 (the general path decides)."""
+        first = data[start]
+        if first == 13 or first == 10:
+            return 0
+        line_end = data.find(b"\n", start)
+        if line_end < 0:
+            return 0
+        blank = data.find(b"\n\r\n", line_end)
+        if blank < 0 or blank + 3 > start + self._head_bound():
+            return 0
+        if not data[start:line_end].rstrip(b"\r").rpartition(b" ")[2].startswith(b"HTTP/"):
+            return 0
+        return blank + 3
 
     def _versionless_line_end(self, data: bytes, start: int) -> int:
         """Follow the request line of the message at ``start`` (or in progress there); return where in ``data`` it
@@ -347,20 +374,23 @@ class RequestParser:
     def _start_head(self) -> None:
         self._target_parts: list[bytes] = []
         self._target_bytes = 0
-        self._header_fields: list[tuple[str, str]] = []
+        self._header_fields: list[tuple[bytes, bytes]] = []  # as received; Headers decodes them when asked
         self._framing_fields: dict[str, list[str]] = {}  # the fields the checks below read, gathered on arrival
         self._header_bytes = 0
         self._head_bytes_fed = 0
         self._method_name = ""
-        self._body_bytes = 0           # body bytes delivered (where a Content-Length body ends); the chunked framing:
+        self._body_bytes = 0           # body bytes delivered (where a Content-Length body ends)
+        self._chunked = False
+        self._content_length: int | None = None
+
+    def _start_chunks(self) -> None:
+        """The chunked framing's state (set for each chunked body only)."""
         self._chunk_headers = 0        # chunk-size lines finished,
         self._chunk_line_bytes = 0     # bytes of the current one so far (CRLF included), and those bytes,
         self._chunk_line = b""
         self._chunk_phase = _ChunkPhase.LINE  # where in the chunked framing the next byte is,
         self._chunk_data_left = 0      # the bytes of the current chunk still to come (its CRLF included),
         self._chunks_completed = 0     # and how many chunks llhttp ended (to check that we follow it)
-        self._chunked = False
-        self._content_length: int | None = None
 
     def _method(self) -> str:
         if not self._method_name:
@@ -374,21 +404,26 @@ class RequestParser:
     def _on_target_part(self, part: bytes) -> None:
         self._target_parts.append(part)
         self._target_bytes += len(part)
-        if self._target_bytes + len(self._method()) + _REQUEST_LINE_OVERHEAD > self._limits.max_request_line_bytes:
+        # No method llhttp knows is longer than _LONGEST_METHOD: only near the bound is the method looked up.
+        if self._target_bytes + _LONGEST_METHOD + _REQUEST_LINE_OVERHEAD > self._limits.max_request_line_bytes \
+                and self._target_bytes + len(self._method()) + _REQUEST_LINE_OVERHEAD > self._limits.max_request_line_bytes:
             self._fail(414, f"the request line is longer than {self._limits.max_request_line_bytes} bytes")
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         # After the head, httptools reports the trailer fields of a chunked body here too; they count against the same
         # limits (a trailer flood is a header flood) and are otherwise ignored, as RFC 9112 section 7.1.2 allows.
+        fields = self._header_fields
+        fields.append((name, value))  # decoded only if a handler asks (Headers.from_raw)
         self._header_bytes += len(name) + len(value) + 4
-        if len(self._header_fields) >= self._limits.max_header_fields:
-            self._fail(431, f"more than {self._limits.max_header_fields} header fields")
-        if self._header_bytes > self._limits.max_header_bytes:
-            self._fail(431, f"the header fields are larger than {self._limits.max_header_bytes} bytes")
-        field = (name.decode("latin-1").lower(), value.decode("latin-1").strip(" \t"))
-        self._header_fields.append(field)
-        if field[0] in _FRAMING_FIELDS:
-            self._framing_fields.setdefault(field[0], []).append(field[1])
+        if len(fields) > self._max_header_fields or self._header_bytes > self._max_header_bytes:
+            if len(fields) > self._max_header_fields:
+                self._fail(431, f"more than {self._max_header_fields} header fields")
+            self._fail(431, f"the header fields are larger than {self._max_header_bytes} bytes")
+        if len(name) in _FRAMING_NAME_LENGTHS:
+            lowered = name.lower()
+            if lowered in _FRAMING_FIELD_BYTES:
+                lowered = lowered.decode("ascii")
+                self._framing_fields.setdefault(lowered, []).append(value.decode("latin-1").strip(" \t"))
 
     def _on_headers_complete(self) -> None:
         head = self._check_head()
@@ -404,13 +439,19 @@ class RequestParser:
         framing = self._framing_fields
         if version == "1.1" and len(framing.get("host", ())) != 1:
             self._fail(400, "an HTTP/1.1 request needs exactly one Host header")
-        chunked = self._chunked = self._check_transfer_encoding(framing, version)
-        content_length = self._content_length = self._check_content_length(framing, chunked)
+        chunked = "transfer-encoding" in framing and self._check_transfer_encoding(framing, version)
+        if chunked:
+            self._chunked = True
+            self._start_chunks()
+        content_length = self._content_length = (
+            self._check_content_length(framing, chunked) if "content-length" in framing else None)
         keep_alive = self._parser.should_keep_alive() and method != "CONNECT"
-        expect_continue = version == "1.1" and "100-continue" in comma_separated(framing.get("expect", ()))
-        return RequestHead(method=method, target=b"".join(self._target_parts).decode("latin-1"), version=version,
-                           headers=Headers.from_lowercase(self._header_fields), keep_alive=keep_alive,
-                           content_length=content_length, chunked=chunked, expect_continue=expect_continue)
+        expect_continue = version == "1.1" and "expect" in framing and \
+            "100-continue" in comma_separated(framing["expect"])
+        parts = self._target_parts
+        target = (parts[0] if len(parts) == 1 else b"".join(parts)).decode("latin-1")
+        return RequestHead(method, target, version, Headers.from_raw(self._header_fields), keep_alive,
+                           content_length, chunked, expect_continue)
 
     def _check_transfer_encoding(self, framing: dict[str, list[str]], version: str) -> bool:
         if "transfer-encoding" not in framing:
