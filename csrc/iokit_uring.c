@@ -35,6 +35,10 @@
 #include <unistd.h>
 
 #define NSEC_PER_SEC 1000000000LL
+/* A batch block's SQE: the low 56 bits are the address of its slot in the batch's record (see struct batch_record).
+ * The tags of iokit_ring_internal.h are small numbers; this one stays far from them. */
+#define UD_BATCH TAG(0x70)
+#define NOT_SETTLED INT32_MIN
 #define FIXED_FILE_SLOTS 256
 #define SQPOLL_IDLE_MS 100
 
@@ -205,7 +209,8 @@ static int prepare(struct iokit_ring *r, const struct iokit_op *ops, unsigned co
 
 	/* Check the whole batch first, so that a bad descriptor leaves no half-prepared batch behind. */
 	for (i = 0; i < count; i++)
-		if (ops[i].kind >= IOKIT_KIND_COUNT || ops[i].id > IOKIT_MAX_ID)
+		if (ops[i].kind >= IOKIT_KIND_COUNT || ops[i].id > IOKIT_MAX_ID || ops[i].kind == IOKIT_READ_BATCH ||
+		    ops[i].kind == IOKIT_WRITE_BATCH)
 			return -EINVAL;
 	for (i = 0; i < count; i++) {
 		/* An op and its linked timeout must be adjacent in the SQ: reserve both slots at once. */
@@ -234,6 +239,186 @@ int iokit_ring_submit_ops(struct iokit_ring *r, const struct iokit_op *ops, unsi
 	if (prepared > 0)
 		submit(r);
 	return prepared;
+}
+
+/*
+ * Batches: one SQE per block, one record per batch. A block's user_data is UD_BATCH | the address of its slot in
+ * self[], which points back at the record, so the reap finds the record and the block's index with no lookup. The
+ * record is freed only when every block has settled (its CQE reaped, or cancelled before it reached the SQ): no CQE
+ * can name a freed record. The kernel may write a block's buffer until that block's CQE; Python holds the buffers,
+ * the offsets and the results array until the batch's completion, which comes after the last block's.
+ */
+struct batch_record {
+	struct iokit_batch batch; /* a copy: its pointers stay valid (held by Python) until the completion */
+	uint32_t prepared;        /* blocks whose SQE is in the SQ (the first `prepared`) */
+	uint32_t limit;           /* blocks to prepare at all: count, or `prepared` once cancelled */
+	uint32_t pending;         /* blocks not settled yet */
+	uint32_t cancels_sent;    /* blocks [0, cancels_sent) have had their ASYNC_CANCEL queued */
+	struct batch_record *self[];
+};
+
+int32_t iokit_batch_outcome(const int32_t *results, uint32_t count)
+{
+	int32_t first_error = 0;
+	uint32_t i;
+
+	for (i = 0; i < count; i++) {
+		if (results[i] == -ECANCELED)
+			return -ECANCELED;
+		if (results[i] < 0 && !first_error)
+			first_error = results[i];
+	}
+	return first_error ? first_error : (int32_t)count;
+}
+
+static uint64_t block_user_data(struct batch_record *b, uint32_t i)
+{
+	return UD_BATCH | (uint64_t)(uintptr_t)&b->self[i];
+}
+
+/* Prepare blocks from b->prepared on, while the SQ has room (iokit_ring_reserve submits a full SQ first). */
+static void prepare_blocks(struct iokit_ring *r, struct batch_record *b)
+{
+	const struct iokit_batch *batch = &b->batch;
+
+	while (b->prepared < b->limit) {
+		uint32_t i = b->prepared;
+		struct io_uring_sqe *sqe;
+		void *address;
+		unsigned len;
+
+		if (iokit_ring_reserve(r, 1) < 0)
+			return;
+		sqe = io_uring_get_sqe(&r->ring);
+		if (batch->base) {
+			address = batch->base + (size_t)i * batch->block_size;
+			len = batch->block_size;
+		} else {
+			address = batch->blocks[i].iov_base;
+			len = (unsigned)batch->blocks[i].iov_len;
+		}
+		if (batch->write)
+			io_uring_prep_write(sqe, batch->fd, address, len, (uint64_t)batch->offsets[i]);
+		else
+			io_uring_prep_read(sqe, batch->fd, address, len, (uint64_t)batch->offsets[i]);
+		io_uring_sqe_set_data64(sqe, block_user_data(b, i));
+		if (batch->fixed_file)
+			sqe->flags |= IOSQE_FIXED_FILE;
+		r->counters.sqes++;
+		b->prepared++;
+	}
+}
+
+int iokit_ring_submit_batch(struct iokit_ring *r, const struct iokit_batch *batch, int submit_now,
+			    void **handle_out)
+{
+	struct batch_record *b;
+	uint32_t i;
+
+	if (batch->count == 0 || batch->id > IOKIT_MAX_ID || !batch->offsets || !batch->results ||
+	    (!batch->base && !batch->blocks))
+		return -EINVAL;
+	b = malloc(sizeof *b + (size_t)batch->count * sizeof b->self[0]);
+	if (!b)
+		return -ENOMEM;
+	/* user_data has 56 bits for the slot's address: user space addresses on Linux have at most 48 (57 with 5-level
+	 * paging, which the kernel hands out only to a process that asks for addresses that high). */
+	if ((uintptr_t)&b->self[batch->count] > IOKIT_MAX_ID) {
+		free(b);
+		return -ENOMEM;
+	}
+	b->batch = *batch;
+	b->prepared = 0;
+	b->limit = batch->count;
+	b->pending = batch->count;
+	b->cancels_sent = 0;
+	for (i = 0; i < batch->count; i++) {
+		b->self[i] = b;
+		batch->results[i] = NOT_SETTLED;
+	}
+	prepare_blocks(r, b);
+	if (b->prepared && submit_now)
+		submit(r);
+	*handle_out = b;
+	return (int)b->prepared;
+}
+
+int iokit_ring_continue_batch(struct iokit_ring *r, void *handle)
+{
+	struct batch_record *b = handle;
+
+	prepare_blocks(r, b);
+	return (int)(b->limit - b->prepared);
+}
+
+int iokit_ring_cancel_batch(struct iokit_ring *r, void *handle, int32_t *outcome)
+{
+	struct batch_record *b = handle;
+	uint32_t i;
+
+	/* Blocks the kernel never saw settle now. */
+	for (i = b->prepared; i < b->limit; i++)
+		b->batch.results[i] = -ECANCELED;
+	b->pending -= b->limit - b->prepared;
+	b->limit = b->prepared;
+	if (b->pending == 0) {
+		*outcome = iokit_batch_outcome(b->batch.results, b->batch.count);
+		free(b);
+		return 1;
+	}
+	/* The kernel has the others: ask it to cancel each one that has not completed. Each still gets its one CQE, with
+	 * -ECANCELED or its real result; the cancel's own CQE is consumed in internal_completion (UD_CANCEL). */
+	for (i = b->cancels_sent; i < b->prepared; i++, b->cancels_sent++) {
+		struct io_uring_sqe *sqe;
+
+		if (b->batch.results[i] != NOT_SETTLED)
+			continue;
+		if (iokit_ring_reserve(r, 1) < 0)
+			return -EBUSY;
+		sqe = io_uring_get_sqe(&r->ring);
+		io_uring_prep_cancel64(sqe, block_user_data(b, i), 0);
+		io_uring_sqe_set_data64(sqe, UD_CANCEL | b->batch.id);
+		r->counters.sqes++;
+	}
+	return 0;
+}
+
+/* A block's CQE: record its result; true (with the batch's id and outcome) when it was the batch's last block. */
+static bool batch_block_completion(const struct io_uring_cqe *cqe, uint64_t *id, int32_t *outcome)
+{
+	struct batch_record **slot = (struct batch_record **)(uintptr_t)(cqe->user_data & IOKIT_MAX_ID);
+	struct batch_record *b = *slot;
+
+	b->batch.results[slot - b->self] = cqe->res;
+	if (--b->pending)
+		return false;
+	*id = b->batch.id;
+	*outcome = iokit_batch_outcome(b->batch.results, b->batch.count);
+	free(b);
+	return true;
+}
+
+int32_t iokit_file_batch(int fd, int write, char *base, uint32_t block_size, const struct iovec *blocks,
+			 const int64_t *offsets, int32_t *results, uint32_t count, const volatile int32_t *stop)
+{
+	uint32_t i;
+
+	for (i = 0; i < count; i++) {
+		void *address = base ? base + (size_t)i * block_size : blocks[i].iov_base;
+		size_t len = base ? block_size : blocks[i].iov_len;
+		ssize_t done;
+
+		if (stop && *stop) {
+			for (; i < count; i++)
+				results[i] = -ECANCELED;
+			break;
+		}
+		do
+			done = write ? pwrite(fd, address, len, (off_t)offsets[i]) : pread(fd, address, len, (off_t)offsets[i]);
+		while (done < 0 && errno == EINTR);
+		results[i] = done < 0 ? -errno : (int32_t)done;
+	}
+	return iokit_batch_outcome(results, count);
 }
 
 /* Give the provided buffers the caller has copied out back to the kernel. */
@@ -291,6 +476,14 @@ unsigned iokit_ring_reap(struct iokit_ring *r, uint64_t *ids, int32_t *results, 
 			if (reaped == max)
 				break;
 			seen++;
+			if (UD_TAG(cqe->user_data) == UD_BATCH) {
+				/* A block of a batch: the batch completes, as one op, with its last block. */
+				if (batch_block_completion(cqe, &ids[reaped], &results[reaped])) {
+					cqe_flags[reaped] = 0;
+					reaped++;
+				}
+				continue;
+			}
 			if (cqe->user_data & (1ULL << 63)) {
 				internal_completion(r, cqe);
 				continue;

@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
-/* Op kinds. 0..15 are iokit._kinds.OpKind's values; the others exist only between the backend and this file.
+/* Op kinds. 0..17 are iokit._kinds.OpKind's values; the others exist only between the backend and this file.
  * iokit/backends/uring.py checks every value, and IOKIT_KIND_COUNT, against its own when it loads. */
 enum {
 	IOKIT_NOP = 0,
@@ -30,10 +30,12 @@ enum {
 	IOKIT_SHUTDOWN = 13,
 	IOKIT_TIMEOUT = 14,
 	IOKIT_POLL = 15,
-	IOKIT_ACCEPT_MULTISHOT = 16, /* one request, a CQE per connection */
-	IOKIT_RECV_MULTISHOT = 17,   /* one request, a CQE per chunk, in a buffer of the provided buffer ring */
-	IOKIT_CANCEL = 18,           /* ask the kernel to cancel the op whose id is `id` */
-	IOKIT_RECV_SELECT = 19,      /* one recv into a buffer the kernel takes from the provided buffer ring */
+	IOKIT_READ_BATCH = 16,       /* N blocks, an SQE each: never a struct iokit_op, see iokit_ring_submit_batch() */
+	IOKIT_WRITE_BATCH = 17,
+	IOKIT_ACCEPT_MULTISHOT = 18, /* one request, a CQE per connection */
+	IOKIT_RECV_MULTISHOT = 19,   /* one request, a CQE per chunk, in a buffer of the provided buffer ring */
+	IOKIT_CANCEL = 20,           /* ask the kernel to cancel the op whose id is `id` */
+	IOKIT_RECV_SELECT = 21,      /* one recv into a buffer the kernel takes from the provided buffer ring */
 	IOKIT_KIND_COUNT             /* one past the last kind: prepare() refuses a kind from here on */
 };
 
@@ -113,6 +115,46 @@ unsigned iokit_ring_fixed_file_slots(const struct iokit_ring *ring);
 /* Start of provided buffer `buffer_id` (NULL without IOKIT_FEATURE_BUFFER_RING). */
 char *iokit_ring_recv_buffer(const struct iokit_ring *ring, unsigned buffer_id);
 void iokit_ring_counters(const struct iokit_ring *ring, struct iokit_counters *out);
+
+/* A batch (IOKIT_READ_BATCH, IOKIT_WRITE_BATCH): `count` blocks at `count` offsets, each with a result of its own.
+ * Block i is `base + i * block_size` when `base` is set, else blocks[i]. Everything the pointers point to stays alive
+ * (Python holds it) until the batch's final completion. */
+struct iokit_batch {
+	uint64_t id;                /* the op's id, reported with the batch's one completion */
+	char *base;                 /* one buffer of count * block_size bytes, or NULL */
+	const struct iovec *blocks; /* or a buffer per block */
+	const int64_t *offsets;
+	int32_t *results;           /* results[i]: block i's bytes or -errno, written as its CQE is reaped */
+	uint32_t count;
+	uint32_t block_size;
+	int32_t fd;                 /* fd, or the fixed-file slot when fixed_file is set */
+	uint8_t write;
+	uint8_t fixed_file;
+};
+
+/* Start a batch on the ring: one SQE per block, as many as the SQ takes now, then (if `submit_now`) one submit; else
+ * the SQEs go in with the next submit or wait. *handle_out is the
+ * batch's record, the caller's to name in the calls below until the batch's completion is reaped. The batch completes
+ * once, when the CQE of its last block is reaped: iokit_ring_wait() reports (id, outcome) like any op's completion.
+ * Returns the number of blocks prepared; fewer than count: call iokit_ring_continue_batch() after the next wait. */
+int iokit_ring_submit_batch(struct iokit_ring *ring, const struct iokit_batch *batch, int submit_now,
+			    void **handle_out);
+/* Prepare the blocks the SQ had no room for; returns how many blocks are still waiting for room. */
+int iokit_ring_continue_batch(struct iokit_ring *ring, void *handle);
+/* Cancel a batch: blocks not in the SQ yet settle with -ECANCELED at once; each block the kernel has and has not
+ * completed gets an ASYNC_CANCEL (queued: the next wait submits it). Returns 1 if the batch settled here (its outcome
+ * in *outcome; the handle is gone), 0 if its completion will be reaped, -EBUSY if some cancels found no room in the
+ * SQ: call again after a wait. */
+int iokit_ring_cancel_batch(struct iokit_ring *ring, void *handle, int32_t *outcome);
+
+/* The same batch without a ring: one pread (pwrite) per block, in the calling thread (the blocking backend, a worker
+ * thread; cffi releases the GIL for the call). Checks *stop before each block (stop may be NULL): once it is nonzero
+ * the blocks not started get -ECANCELED. Returns the batch's outcome. */
+int32_t iokit_file_batch(int fd, int write, char *base, uint32_t block_size, const struct iovec *blocks,
+			 const int64_t *offsets, int32_t *results, uint32_t count, const volatile int32_t *stop);
+/* A batch's outcome from its blocks' results: count when none failed; else -ECANCELED if any block was cancelled,
+ * else the first failed block's -errno. */
+int32_t iokit_batch_outcome(const int32_t *results, uint32_t count);
 
 /* The address family of socket `fd` (AF_INET, ...) or -errno. */
 int iokit_socket_family(int fd);

@@ -8,9 +8,9 @@ an op of a forgotten kind takes a wrong default (waits for POLLIN, runs inline i
 ``KeyError`` the first time one runs, perhaps in production.
 
 So the facts live here once, in ``KINDS``; the sets the backends test against (``FILE_KINDS``, ``FD_RESULT_KINDS``,
-``WAITS_FOR_WRITABLE``, ``SYSCALL_KINDS``) are derived from it; each backend's own per-kind table is checked
-complete with ``check_complete`` when its module loads, so a missing entry is an ``ImportError`` naming the kind; and
-the uring backend checks the C enum against ``OpKind`` with ``check_c_enum`` when it loads.
+``WAITS_FOR_WRITABLE``, ``SYSCALL_KINDS``, ``BATCH_KINDS``) are derived from it; each backend's own per-kind table is
+checked complete with ``check_complete`` when its module loads, so a missing entry is an ``ImportError`` naming the
+kind; and the uring backend checks the C enum against ``OpKind`` with ``check_c_enum`` when it loads.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class OpKind(enum.IntEnum):
     SHUTDOWN = 13
     TIMEOUT = 14    # completes with 0 after ``timeout`` seconds
     POLL = 15       # waits until fd is ready for ``flags`` (POLLIN/POLLOUT); -> ready mask
+    READ_BATCH = 16   # N preads: block i into its buffer at offsets[i]; each block's result in ``op.results``;
+                      # -> N, or the first failed block's -errno (-ECANCELED if the cancel stopped any block)
+    WRITE_BATCH = 17  # N pwrites, the same way
 
 
 class Readiness(enum.Enum):
@@ -66,6 +69,7 @@ class KindFacts:
     target: Target
     syscall: str | None      # the plain syscall that performs it; None: a timer, kept by each backend itself
     makes_fd: bool = False   # its result is a new fd, which a cancelled op's late success must close
+    batched: bool = False    # N blocks at N offsets, each with a result of its own (``op.results``): not one SQE
 
 
 _FILE, _SOCKET = Target.FILE, Target.SOCKET
@@ -88,6 +92,9 @@ KINDS: Mapping[OpKind, KindFacts] = {
     OpKind.SHUTDOWN: KindFacts(_NEVER, _SOCKET, "shutdown(2)"),
     OpKind.TIMEOUT: KindFacts(_NEVER, Target.NONE, None),
     OpKind.POLL: KindFacts(Readiness.EVENTS, Target.ANY, "poll(2)"),
+    # Regular files never say "not ready": a batch never waits for readiness, whatever its direction.
+    OpKind.READ_BATCH: KindFacts(_NEVER, _FILE, "pread(2) per block, all in one C call", batched=True),
+    OpKind.WRITE_BATCH: KindFacts(_NEVER, _FILE, "pwrite(2) per block, all in one C call", batched=True),
 }
 
 
@@ -101,6 +108,9 @@ FD_RESULT_KINDS = _kinds_where(lambda facts: facts.makes_fd)
 FILE_KINDS = _kinds_where(lambda facts: facts.target is Target.FILE)
 WAITS_FOR_WRITABLE = _kinds_where(lambda facts: facts.waits_for is Readiness.WRITABLE)
 SYSCALL_KINDS = _kinds_where(lambda facts: facts.syscall is not None)
+# Kinds with many blocks: the uring backend submits them as N SQEs of their own (no descriptor of a single SQE), the
+# worker pools split them across workers.
+BATCH_KINDS = _kinds_where(lambda facts: facts.batched)
 
 
 def check_complete(table: Mapping, owner: str, kinds: Iterable[OpKind] = OpKind) -> None:

@@ -19,6 +19,7 @@ naming the argument, rather than as a strange errno later.
 
 from __future__ import annotations
 
+import array
 import enum
 import os
 import socket
@@ -43,8 +44,10 @@ class Op:
     __slots__ = ("kind", "fd", "buffer", "offset", "flags", "deadline", "state", "result", "id", "cancel_requested",
                  "waiter", "backend_data", "__dict__", "__weakref__")
 
-    buffers: tuple = ()       # READV/WRITEV: the buffers
-    size = 0                  # RECV without a buffer: the most bytes to receive
+    buffers: tuple = ()       # READV/WRITEV: the buffers; READ_BATCH/WRITE_BATCH given one buffer per block
+    size = 0                  # RECV without a buffer: the most bytes to receive; batches in one buffer: block size
+    offsets: Any = ()         # READ_BATCH/WRITE_BATCH: array('q'), one offset per block
+    results: Any = ()         # READ_BATCH/WRITE_BATCH: array('i'), each block's bytes or -errno once the op is done
     data = b""                # RECV without a buffer: the bytes received
     path = b""                # OPEN
     mode = 0                  # OPEN
@@ -55,7 +58,7 @@ class Op:
 
     def __init__(self, kind: OpKind, fd: int = -1, *, buffer: memoryview | None = None,
                  buffers: tuple[memoryview, ...] = (), size: int = 0, offset: int = 0, flags: int = 0,
-                 path: bytes = b"",
+                 path: bytes = b"", offsets: Any = (), results: Any = (),
                  mode: int = 0, address: Any = None, timeout: float = 0.0, user_data: Any = None):
         self.kind = kind
         self.fd = fd
@@ -76,6 +79,9 @@ class Op:
             self.size = size
         if path:
             self.path = path
+        if len(offsets):
+            self.offsets = offsets
+            self.results = results
         if mode:
             self.mode = mode
         if address is not None:
@@ -182,6 +188,68 @@ def readv_at(fd: int, buffers: Sequence[Any], offset: int = -1) -> Op:
 def writev_at(fd: int, buffers: Sequence[Any], offset: int = -1) -> Op:
     """Gather-write ``buffers`` at ``offset``; result: total bytes written."""
     return Op(OpKind.WRITEV, _check_fd(fd), buffers=_byte_views(buffers, writable=False), offset=_check_offset(offset))
+
+
+MAX_BLOCK = 0x7FFFF000
+"""The largest block of a batch: the kernel's MAX_RW_COUNT, so that each block's result fits a 32-bit count."""
+
+
+def read_batch(fd: int, buffers: Any, offsets: Sequence[int], *, block_size: int | None = None) -> Op:
+    """Read N blocks at N ``offsets`` of ``fd``, each with its own result, as one op.
+
+    ``buffers`` is either a sequence of N writable buffers (block i is read into ``buffers[i]``) or one writable
+    buffer cut into N blocks of ``block_size`` bytes (default: its size divided by N), block i at ``i * block_size``.
+    Once the op is done, ``op.results[i]`` is block i's byte count (short at end of file, 0 past it) or ``-errno``;
+    the op's own result is N when no block failed, else the first failed block's ``-errno`` (``-ECANCELED`` when a
+    cancel stopped any block; the blocks read before it keep their counts). Offsets are absolute (>= 0): a batch
+    never reads at the file position."""
+    return _batch(OpKind.READ_BATCH, fd, buffers, offsets, block_size, writable=True)
+
+
+def write_batch(fd: int, buffers: Any, offsets: Sequence[int], *, block_size: int | None = None) -> Op:
+    """Write N blocks at N ``offsets``, each with its own result (bytes written, may be short, or ``-errno``); the
+    same shapes and outcome as ``read_batch``."""
+    return _batch(OpKind.WRITE_BATCH, fd, buffers, offsets, block_size, writable=False)
+
+
+def _batch(kind: OpKind, fd: int, buffers: Any, offsets: Sequence[int], block_size: int | None, *,
+           writable: bool) -> Op:
+    fd = _check_fd(fd)
+    try:
+        offsets = array.array("q", offsets)  # a copy: the kernel reads it after this call returns (uring)
+    except TypeError:
+        raise TypeError("offsets must be a sequence of ints") from None
+    except OverflowError:
+        raise ValueError("an offset does not fit a 64-bit file offset") from None
+    count = len(offsets)
+    if not count:
+        raise ValueError("a batch needs at least one offset")
+    if min(offsets) < 0:
+        raise ValueError(f"batch offsets must be >= 0, got {min(offsets)}")
+    results = array.array("i", bytes(4 * count))
+    if isinstance(buffers, (list, tuple)):
+        if block_size is not None:
+            raise TypeError("block_size goes with one buffer, not with a buffer per block")
+        views = tuple(as_byte_view(buffer, writable=writable) for buffer in buffers)
+        if len(views) != count:
+            raise ValueError(f"{len(views)} buffers for {count} offsets: a batch needs one buffer per offset")
+        if max(view.nbytes for view in views) > MAX_BLOCK:
+            raise ValueError(f"a block may hold at most {MAX_BLOCK} bytes")
+        return Op(kind, fd, buffers=views, offsets=offsets, results=results)
+    view = as_byte_view(buffers, writable=writable)
+    if block_size is None:
+        if view.nbytes % count:
+            raise ValueError(f"a buffer of {view.nbytes} bytes does not split into {count} equal blocks; "
+                             f"pass block_size")
+        block_size = view.nbytes // count
+    elif not isinstance(block_size, int) or isinstance(block_size, bool):
+        raise TypeError(f"block_size must be an int, not {type(block_size).__name__}")
+    if not 0 < block_size <= MAX_BLOCK:
+        raise ValueError(f"block_size must be between 1 and {MAX_BLOCK}, got {block_size}")
+    if block_size * count > view.nbytes:
+        raise ValueError(f"{count} blocks of {block_size} bytes need {block_size * count} bytes; the buffer has "
+                         f"{view.nbytes}")
+    return Op(kind, fd, buffer=view, size=block_size, offsets=offsets, results=results)
 
 
 def fsync(fd: int) -> Op:

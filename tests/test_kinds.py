@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from iokit._kinds import (FD_RESULT_KINDS, FILE_KINDS, KINDS, SYSCALL_KINDS, WAITS_FOR_WRITABLE, OpKind,
-                          check_c_enum, check_complete)
+from iokit._kinds import (BATCH_KINDS, FD_RESULT_KINDS, FILE_KINDS, KINDS, SYSCALL_KINDS, WAITS_FOR_WRITABLE,
+                          OpKind, check_c_enum, check_complete)
 from iokit.backends import _syscalls, faults
 
 from conftest import require_backend
@@ -25,7 +25,8 @@ def test_every_kind_has_its_facts():
     # The sets the backends read, as they were written by hand before they were derived.
     assert FD_RESULT_KINDS == {OpKind.ACCEPT, OpKind.OPEN}
     assert FILE_KINDS == {OpKind.READ, OpKind.WRITE, OpKind.READV, OpKind.WRITEV, OpKind.FSYNC, OpKind.FDATASYNC,
-                          OpKind.OPEN}
+                          OpKind.OPEN, OpKind.READ_BATCH, OpKind.WRITE_BATCH}
+    assert BATCH_KINDS == {OpKind.READ_BATCH, OpKind.WRITE_BATCH}
     assert WAITS_FOR_WRITABLE == {OpKind.SEND, OpKind.WRITE, OpKind.WRITEV, OpKind.CONNECT}
     assert set(OpKind) - SYSCALL_KINDS == {OpKind.TIMEOUT}  # a timer in each backend
 
@@ -54,11 +55,12 @@ def test_a_table_with_a_kind_it_must_not_have_is_an_import_error():
 def test_the_uring_describer_table_is_checked():
     require_backend("uring")
     from iokit.backends import uring
-    check_complete(uring._DESCRIBER_NAMES, "uring")
+    single_sqe_kinds = set(OpKind) - BATCH_KINDS  # a batch is no one descriptor: N SQEs of its own
+    check_complete(uring._DESCRIBER_NAMES, "uring", single_sqe_kinds)
     incomplete = dict(uring._DESCRIBER_NAMES)
     del incomplete[OpKind.POLL]
     with pytest.raises(ImportError, match="no entry for POLL"):
-        check_complete(incomplete, "uring")
+        check_complete(incomplete, "uring", single_sqe_kinds)
 
 
 def _uring_lib():
@@ -87,8 +89,8 @@ def _fake_lib(lib, **changes):
     ({"IOKIT_READ": 2}, "IOKIT_READ is 2, OpKind.READ is 1"),
     ({"IOKIT_POLL": None}, "IOKIT_POLL is missing"),
     ({"IOKIT_KIND_COUNT": None}, "IOKIT_KIND_COUNT is missing"),
-    ({"IOKIT_KIND_COUNT": 21}, "IOKIT_KIND_COUNT is 21"),  # a kind added to the C, unknown to Python
-    ({"IOKIT_KIND_COUNT": 19}, "IOKIT_KIND_COUNT is 19"),  # the bound forgot the last kind: C would refuse it
+    ({"IOKIT_KIND_COUNT": 23}, "IOKIT_KIND_COUNT is 23"),  # a kind added to the C, unknown to Python
+    ({"IOKIT_KIND_COUNT": 21}, "IOKIT_KIND_COUNT is 21"),  # the bound forgot the last kind: C would refuse it
     ({"IOKIT_CANCEL": 1}, "IOKIT_CANCEL and IOKIT_READ are both 1"),
 ])
 def test_a_c_enum_that_disagrees_is_an_import_error(changes, complaint):
@@ -104,4 +106,7 @@ def test_c_refuses_a_kind_past_the_bound():
     from iokit.backends.uring import UringBackend
     with UringBackend() as backend:
         descriptor = ffi.new("struct iokit_op *", {"id": 1, "kind": lib.IOKIT_KIND_COUNT, "fd": -1})
+        assert lib.iokit_ring_queue_ops(backend._ring, descriptor, 1) == -errno.EINVAL
+        # A batch kind is no single SQE: as a descriptor it is refused too (it goes through iokit_ring_submit_batch).
+        descriptor.kind = lib.IOKIT_READ_BATCH
         assert lib.iokit_ring_queue_ops(backend._ring, descriptor, 1) == -errno.EINVAL

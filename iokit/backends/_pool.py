@@ -9,6 +9,13 @@ ops to, so an op is never queued for a worker that is on its way out. A worker p
 cancel can interrupt a worker that waits on an idle socket. A queued op that is cancelled before a worker takes it
 never runs.
 
+A batch (``read_batch``/``write_batch``) is split into parts, each a slice of its blocks that one worker performs with
+one C call (``BatchCall``); the batch completes when its last part does. How finely: an O_DIRECT read or write waits
+~100 us on the device, so each block gets a part of its own and the device sees as many requests at once as there
+are workers; a page-cache block is a ~1 us memory copy, cheaper than the hand-off to a worker, so buffered batches
+go in parts of ``BUFFERED_BLOCKS_PER_PART``. Cancelling a batch settles every block: parts not started never run
+(their blocks get -ECANCELED), and running parts stop before their next block.
+
 Completions are handed back to the loop thread, never finished on the worker: the worker appends ``(op, result)`` to
 a list under a lock and writes the loop's eventfd (``notify_fd``); the loop calls ``take_completions()``. So the
 in-flight table is only ever touched by the loop thread.
@@ -17,18 +24,47 @@ in-flight table is only ever touched by the loop thread.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
 import queue
 import threading
 
+from .._kinds import BATCH_KINDS
 from .._op import Op
-from ._syscalls import wait_then_attempt
+from ._syscalls import BatchCall, wait_then_attempt
 
 _QUEUED, _RUNNING, _CANCELLED_EARLY = "queued", "running", "cancelled-before-start"
 
 DEFAULT_IDLE_TIMEOUT = 5.0
 """Seconds a worker waits for an op before it leaves (a burst's threads and eventfds go back within this)."""
+BUFFERED_BLOCKS_PER_PART = 8
+"""Blocks of a batch without O_DIRECT that one worker performs in a row (see the module's docstring)."""
+
+
+class _Part:
+    """Blocks ``[start, start + count)`` of a batch op, for one worker. Its id is negative: never an op's."""
+
+    __slots__ = ("batch", "call", "start", "count", "id")
+
+    def __init__(self, batch: Op, call: BatchCall, start: int, count: int, part_id: int) -> None:
+        self.batch, self.call, self.start, self.count, self.id = batch, call, start, count, part_id
+
+
+class _BatchInPool:
+    """What the pool keeps about a batch op while its parts run (in ``op.backend_data``)."""
+
+    __slots__ = ("call", "parts", "pending")
+
+    def __init__(self, call: BatchCall, parts: list[_Part]) -> None:
+        self.call, self.parts, self.pending = call, parts, len(parts)
+
+
+def _is_direct(fd: int) -> bool:
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+    except OSError:
+        return False  # a bad fd: each block reports EBADF, however it is split
 
 
 class WorkerPool:
@@ -48,11 +84,34 @@ class WorkerPool:
         self._threads: set[threading.Thread] = set()
         self._idle = 0
         self._numbers = itertools.count()
+        self._part_ids = itertools.count(-1, -1)
 
     def start(self, op: Op) -> None:
-        """Queue ``op`` for a worker, starting a new worker if none is idle and the pool is not full."""
+        """Queue ``op`` for a worker (a batch: its parts, for several), starting workers if none is idle and the
+        pool is not full."""
+        if op.kind in BATCH_KINDS:
+            self._start_batch(op)
+        else:
+            self._queue(op)
+
+    def _start_batch(self, op: Op) -> None:
+        call = BatchCall(op)
+        blocks_per_part = 1 if _is_direct(op.fd) else BUFFERED_BLOCKS_PER_PART
+        count = call.count
+        part_count = min(self.max_workers, -(-count // blocks_per_part))
+        size, larger = divmod(count, part_count)
+        parts, start = [], 0
+        for index in range(part_count):
+            length = size + (index < larger)
+            parts.append(_Part(op, call, start, length, next(self._part_ids)))
+            start += length
+        op.backend_data = _BatchInPool(call, parts)
+        for part in parts:
+            self._queue(part)
+
+    def _queue(self, job: Op | _Part) -> None:
         with self._lock:
-            self._state[op.id] = _QUEUED
+            self._state[job.id] = _QUEUED
             # Like concurrent.futures: hand the job to an idle worker if there is one, else grow the pool.
             need_worker = self._idle == 0 and len(self._threads) < self.max_workers
             if self._idle:
@@ -63,11 +122,13 @@ class WorkerPool:
                 self._threads.add(worker)
         if need_worker:
             worker.start()
-        self._jobs.put(op)
+        self._jobs.put(job)
 
     def cancel(self, op: Op) -> bool:
         """Stop ``op``: True if it had not started (it never will; the caller finishes it with -ECANCELED), False if a
         worker runs it (the worker is interrupted and reports the outcome)."""
+        if op.kind in BATCH_KINDS:
+            return self._cancel_batch(op)
         with self._lock:
             state = self._state.get(op.id)
             if state == _QUEUED:
@@ -78,12 +139,30 @@ class WorkerPool:
             os.eventfd_write(wake_fd, 1)
         return False
 
+    def _cancel_batch(self, op: Op) -> bool:
+        batch = op.backend_data
+        with self._lock:
+            not_started = [part for part in batch.parts if self._state.get(part.id) == _QUEUED]
+            for part in not_started:
+                self._state[part.id] = _CANCELLED_EARLY
+        batch.call.cancel()
+        for part in not_started:
+            batch.call.settle_cancelled(part.start, part.count)
+        batch.pending -= len(not_started)
+        return batch.pending == 0
+
     def deliver(self, backend) -> None:
-        """Finish, on the loop thread, the ops the workers have completed."""
+        """Finish, on the loop thread, the ops the workers have completed (a batch with its last part)."""
         with self._lock:
             done, self._done = self._done, []
-        for op, result in done:
-            backend._finish(op, result)
+        for job, result in done:
+            if job.__class__ is _Part:
+                batch = job.batch.backend_data
+                batch.pending -= 1
+                if batch.pending == 0:
+                    backend._finish(job.batch, batch.call.outcome())
+            else:
+                backend._finish(job, result)
 
     @property
     def size(self) -> int:
@@ -112,18 +191,25 @@ class WorkerPool:
                     continue  # an op was handed to this worker as it timed out: it is in the queue
                 if op is None:
                     return
+                is_part = op.__class__ is _Part
                 with self._lock:
                     if self._state.pop(op.id) == _CANCELLED_EARLY:
                         self._idle += 1
                         continue
                     self._state[op.id] = _RUNNING
-                    op.wake_fd = wake_fd
-                result = wait_then_attempt(op, wake_fd) if not op.cancel_requested else -errno.ECANCELED
+                    if not is_part:
+                        op.wake_fd = wake_fd
+                if is_part:
+                    result = op.call.run(op.start, op.count)  # a cancel stops it through the call's stop flag
+                else:
+                    result = wait_then_attempt(op, wake_fd) if not op.cancel_requested else -errno.ECANCELED
                 with self._lock:
                     del self._state[op.id]
-                    op.wake_fd = -1
+                    if not is_part:
+                        op.wake_fd = -1
                     self._done.append((op, result))
                     self._idle += 1
+                op = None  # the loop thread owns it now: an idle worker must not keep its buffers exported
                 os.eventfd_write(self._notify_fd, 1)
         finally:
             os.close(wake_fd)

@@ -13,6 +13,9 @@ wait" covers both EAGAIN and EINTR.
 
 ``connect`` is the one op that is not simply retried: a non-blocking connect answers EINPROGRESS once, and its outcome
 is read from ``SO_ERROR`` when the socket turns writable (``finish_connect``).
+
+A batch (``read_batch``/``write_batch``) is N preads or pwrites made by one C call (``BatchCall``: Python's cost is
+paid once per batch, not per block); the worker pools run slices of it on several workers.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ import time
 from .._kinds import SYSCALL_KINDS, WAITS_FOR_WRITABLE, check_complete
 from .._op import Op, OpKind
 
+try:
+    from .._uring_ffi import ffi, lib
+except ImportError:  # the C extension is not built: batches are a loop of os.preadv/os.pwrite (see BatchCall.run)
+    ffi = lib = None
+
 EAGAIN = -errno.EAGAIN
+ECANCELED = -errno.ECANCELED
 _IN_PROGRESS = {errno.EINPROGRESS, errno.EALREADY}
 
 
@@ -179,6 +188,81 @@ def _recv_flags(op: Op) -> int:
         sock.detach()
 
 
+class BatchCall:
+    """A batch op described once for ``iokit_file_batch`` (csrc/iokit_uring.c): pointers into its buffers, offsets and
+    results, and the stop flag a cancel sets. Its cffi objects hold buffer exports, so the memory C writes stays put
+    while a call runs; ``run`` may be called for slices of the batch from several threads at once."""
+
+    __slots__ = ("op", "count", "write", "base", "blocks", "offsets", "results", "stop", "_keep")
+
+    def __init__(self, op: Op) -> None:
+        self.op = op
+        self.count = len(op.offsets)
+        self.write = 1 if op.kind is OpKind.WRITE_BATCH else 0
+        if lib is None:
+            return
+        if op.buffer is not None:
+            self.base = ffi.from_buffer(op.buffer)
+            self.blocks = ffi.NULL
+        else:
+            self.base = ffi.NULL
+            self._keep = [ffi.from_buffer(view) for view in op.buffers]
+            self.blocks = ffi.new("struct iovec[]", [(keep, view.nbytes) for keep, view in zip(self._keep, op.buffers)])
+        self.offsets = ffi.from_buffer("int64_t[]", op.offsets)
+        self.results = ffi.from_buffer("int32_t[]", op.results)
+        self.stop = ffi.new("int32_t *")
+
+    def run(self, start: int, count: int) -> int:
+        """Perform blocks ``[start, start + count)``, each result into ``op.results``; returns that slice's outcome."""
+        op = self.op
+        if lib is None:
+            return _batch_in_python(op, start, count)
+        base = self.base + start * op.size if op.buffer is not None else ffi.NULL
+        blocks = self.blocks + start if op.buffer is None else ffi.NULL
+        return lib.iokit_file_batch(op.fd, self.write, base, op.size, blocks, self.offsets + start,
+                                    self.results + start, count, self.stop)
+
+    def cancel(self) -> None:
+        """Make the calls running (and to come) leave the blocks they have not started, with -ECANCELED."""
+        if lib is not None:
+            self.stop[0] = 1
+
+    def settle_cancelled(self, start: int, count: int) -> None:
+        """Blocks ``[start, start + count)`` will never run: they settle with -ECANCELED."""
+        for index in range(start, start + count):
+            self.op.results[index] = ECANCELED
+
+    def outcome(self) -> int:
+        """The batch's result from its blocks' (iokit_batch_outcome's rule)."""
+        if lib is None:
+            return _outcome_in_python(self.op.results)
+        return lib.iokit_batch_outcome(self.results, self.count)
+
+
+def _batch_in_python(op: Op, start: int, count: int) -> int:
+    write = op.kind is OpKind.WRITE_BATCH
+    for index in range(start, start + count):
+        block = op.buffer[index * op.size:(index + 1) * op.size] if op.buffer is not None else op.buffers[index]
+        try:
+            done = os.pwrite(op.fd, block, op.offsets[index]) if write else os.preadv(op.fd, (block,),
+                                                                                     op.offsets[index])
+        except OSError as exc:
+            done = -exc.errno
+        op.results[index] = done
+    return _outcome_in_python(op.results[start:start + count])
+
+
+def _outcome_in_python(results) -> int:
+    """iokit_batch_outcome's rule, for when the C extension is not built."""
+    if ECANCELED in results:
+        return ECANCELED
+    return next((result for result in results if result < 0), len(results))
+
+
+def _file_batch(op: Op) -> int:
+    return BatchCall(op).run(0, len(op.offsets))
+
+
 # The syscall of each kind that has one (TIMEOUT is a timer in each backend), checked complete below.
 _ATTEMPTS = {
     OpKind.NOP: lambda op: 0,
@@ -196,6 +280,8 @@ _ATTEMPTS = {
     OpKind.SEND: _send,
     OpKind.SHUTDOWN: lambda op: _shutdown(op.fd, op.flags),
     OpKind.POLL: lambda op: _poll_now(op.fd, op.flags),
+    OpKind.READ_BATCH: _file_batch,
+    OpKind.WRITE_BATCH: _file_batch,
 }
 check_complete(_ATTEMPTS, "iokit/backends/_syscalls.py _ATTEMPTS", SYSCALL_KINDS)
 

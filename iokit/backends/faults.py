@@ -82,6 +82,10 @@ _FAULTS_BY_KIND: dict[OpKind, frozenset[str]] = {
     OpKind.SHUTDOWN: frozenset(),
     OpKind.TIMEOUT: frozenset(),
     OpKind.POLL: frozenset({"cancel_race"}),
+    # A batch's blocks are results of their own, some possibly cancelled: "made again unchanged" (eintr,
+    # cancel_race) and a one-byte view (short) do not apply to it as a whole. It passes through untouched.
+    OpKind.READ_BATCH: frozenset(),
+    OpKind.WRITE_BATCH: frozenset(),
 }
 check_complete(_FAULTS_BY_KIND, "iokit/backends/faults.py _FAULTS_BY_KIND")
 
@@ -385,7 +389,7 @@ class FaultyBackend(Backend):
                 size = 1  # ops.receive: the backend picks the buffer, of at most this size
         attempt = _Attempt(op, op.kind, is_readiness_wait=False, follows_outer=self.task_per_thread, buffer=buffer,
                            buffers=buffers, size=size, offset=op.offset, flags=op.flags, path=op.path, mode=op.mode,
-                           address=op.address, timeout=op.timeout)
+                           address=op.address, timeout=op.timeout, offsets=op.offsets, results=op.results)
         if op.kind in _CANCEL_RACE_KINDS and self._roll("cancel_race"):
             attempt.injected_cancel = True
             if self.task_per_thread:

@@ -20,6 +20,11 @@ The kernel facts this relies on (docs/uring.md draws the whole flow):
 * **Nothing is lost when the CQ is full** (IORING_FEAT_NODROP, required): the kernel keeps the overflow and the C reap
   loop goes back for it. When the *SQ* is full, the C call submits what is queued and goes on; ops the kernel will not
   take yet wait in a backlog, offered again before the next wait.
+* **A batch** (``read_batch``/``write_batch``) is N SQEs, one per block, prepared by one C call and submitted by one
+  enter. The blocks' CQEs are reaped and counted in C (``iokit_ring_reap``): each writes its block's result into the
+  op's ``results`` array, and only the last one reports the op, with the batch's outcome. A cancel settles the blocks
+  the SQ had no room for at once and sends an ASYNC_CANCEL for each block the kernel has. A batch's deadline is a
+  timer here (a linked timeout would cover one SQE).
 * **Multishot requests** (accept, recv) post many CQEs for one SQE; IORING_CQE_F_MORE says another will follow. They
   are reachable only through ``accept_multishot``/``recv_multishot``, which return a ``MultishotOp`` stream.
 * **SINGLE_ISSUER|DEFER_TASKRUN** (when the kernel has them): only the thread that created the ring may submit or wait,
@@ -43,10 +48,11 @@ from typing import Any, Iterable
 
 from .. import _engine
 from .._errors import BackendClosed, BackendUnavailable
-from .._kinds import check_c_enum, check_complete
+from .._kinds import BATCH_KINDS, check_c_enum, check_complete
 from .._op import Op, OpKind, OpState, _check_fd
 from .._uring_ffi import ffi, lib
 from ._base import ECANCELED, Backend
+from ._syscalls import BatchCall
 from ._timers import TimerHeap
 
 __all__ = ["MultishotOp", "UringBackend", "probe", "FEATURES"]
@@ -89,7 +95,8 @@ if ffi.sizeof("struct iokit_op") != _DESCRIPTOR_SIZE or [ffi.offsetof("struct io
 # The kinds that exist only between this module and csrc/iokit_uring.c (a describer sets them); with OpKind's they
 # must be the C enum's values, exactly 0 .. IOKIT_KIND_COUNT - 1.
 check_c_enum(lib, ("ACCEPT_MULTISHOT", "RECV_MULTISHOT", "CANCEL", "RECV_SELECT"), "csrc/iokit_uring.h")
-# The method of UringBackend that describes each kind to C (after the fields every kind packs), checked complete.
+# The method of UringBackend that describes each kind to C (after the fields every kind packs), checked complete;
+# batches are no single descriptor (see _start_batch).
 _DESCRIBER_NAMES = {
     OpKind.NOP: "_describe_plain", OpKind.FSYNC: "_describe_plain", OpKind.FDATASYNC: "_describe_plain",
     OpKind.CLOSE: "_describe_plain", OpKind.SHUTDOWN: "_describe_plain", OpKind.POLL: "_describe_plain",
@@ -98,7 +105,7 @@ _DESCRIBER_NAMES = {
     OpKind.OPEN: "_describe_open", OpKind.ACCEPT: "_describe_accept", OpKind.CONNECT: "_describe_connect",
     OpKind.TIMEOUT: "_describe_timeout",
 }
-check_complete(_DESCRIBER_NAMES, "iokit/backends/uring.py _DESCRIBER_NAMES")
+check_complete(_DESCRIBER_NAMES, "iokit/backends/uring.py _DESCRIBER_NAMES", set(OpKind) - BATCH_KINDS)
 _ETIME = -errno.ETIME
 _ENOBUFS = -errno.ENOBUFS
 _EINTR = -errno.EINTR
@@ -172,6 +179,12 @@ class UringBackend(Backend):
         self._backlog_ids: set[int] = set()
         self._cancel_backlog: list[int] = []  # ids of cancel requests the SQ had no room for yet
         self._deadline_timers = None if self.features["linked_timeouts"] else TimerHeap()
+        self._batch_deadlines = None  # made with the first batch that has one (a linked timeout covers one SQE)
+        self._batch_descriptor = ffi.new("struct iokit_batch *")
+        self._batch_handle = ffi.new("void **")
+        self._batch_outcome = ffi.new("int32_t *")
+        self._batches_short_of_room: list[Op] = []  # batches some of whose blocks are not in the SQ yet
+        self._batch_cancels: list[Op] = []          # batches whose cancels found no room in the SQ yet
         self._fixed_slots: dict[int, int] = {}  # registered fd -> its slot in the fixed-file table
         self._free_slots = list(range(lib.iokit_ring_fixed_file_slots(self._ring)))[::-1]
         self._fixed_file_ops = 0
@@ -295,9 +308,9 @@ class UringBackend(Backend):
     def _wait_for_events(self, timeout: float | None) -> None:
         if self._ring is None:
             raise BackendClosed(f"{self.name} backend is closed")
-        if self._backlog or self._cancel_backlog:
+        if self._backlog or self._cancel_backlog or self._batches_short_of_room or self._batch_cancels:
             self._offer_backlog()
-        if self._deadline_timers is not None:
+        if self._deadline_timers is not None or self._batch_deadlines is not None:
             timeout = self._expire_deadlines(timeout)
         if self._engine is not None:
             # One turn of the engine: flush, one io_uring_enter, the reap (its own CQEs dispatched in C, ours here).
@@ -370,8 +383,11 @@ class UringBackend(Backend):
             self.unregister_fd(op.fd)  # else the fixed-file table would keep the file open
             if self._engine is not None:
                 self._engine.forget(op.fd)
-        if op.deadline is not None and self._deadline_timers is not None:
-            self._deadline_timers.add(op.deadline, op, is_deadline=True)
+        timers = self._deadline_timers
+        if op.kind in BATCH_KINDS and op.deadline is not None:
+            timers = self._batch_deadlines = self._batch_deadlines or TimerHeap()
+        if op.deadline is not None and timers is not None:
+            timers.add(op.deadline, op, is_deadline=True)
         return True
 
     def _prepare(self, ops: list[Op], *, submit: bool) -> None:
@@ -381,6 +397,12 @@ class UringBackend(Backend):
             ops = self._backlog + ops
             self._backlog = []
         self._backlog_ids.clear()
+        batches = [op for op in ops if op.kind in BATCH_KINDS]
+        if batches:
+            ops = [op for op in ops if op.kind not in BATCH_KINDS]
+            for op in batches:
+                if op.state is _IN_FLIGHT:  # not cancelled meanwhile
+                    self._start_batch(op, submit=submit and not ops)  # the others' submit takes the blocks too
         prepare = lib.iokit_ring_submit_ops if submit else lib.iokit_ring_queue_ops
         descriptors = self._descriptors
         start = 0
@@ -428,9 +450,51 @@ class UringBackend(Backend):
 
     def _offer_backlog(self) -> None:
         cancels, self._cancel_backlog = self._cancel_backlog, []
+        short, self._batches_short_of_room = self._batches_short_of_room, []
+        for op in short:
+            if op.state is _IN_FLIGHT and lib.iokit_ring_continue_batch(self._ring, op.backend_data[0]) > 0:
+                self._batches_short_of_room.append(op)
         self._prepare([], submit=False)
         for op_id in cancels:
             self._queue_cancel(op_id)
+        batch_cancels, self._batch_cancels = self._batch_cancels, []
+        for op in batch_cancels:
+            if op.state is _IN_FLIGHT:
+                self._cancel_batch(op)
+
+    def _start_batch(self, op: Op, *, submit: bool) -> None:
+        """Prepare a batch's SQEs (one per block) in one C call. Its pins (the buffers' exports, the offsets and the
+        results C writes) stay in ``op.backend_data`` until its completion, with the C record that names them."""
+        call = BatchCall(op)  # the same pointers the blocking backend's one C call takes
+        descriptor = self._batch_descriptor
+        fd = op.fd
+        slot = self._fixed_slots.get(fd) if self._fixed_slots else None
+        descriptor.id = op.id
+        descriptor.base = call.base
+        descriptor.blocks = call.blocks
+        descriptor.offsets = call.offsets
+        descriptor.results = call.results
+        descriptor.count = call.count
+        descriptor.block_size = op.size
+        descriptor.fd = fd if slot is None else slot
+        descriptor.write = call.write
+        descriptor.fixed_file = slot is not None
+        prepared = lib.iokit_ring_submit_batch(self._ring, descriptor, submit, self._batch_handle)
+        if prepared < 0:  # no record could be made (ENOMEM): nothing reached the kernel
+            for index in range(call.count):
+                op.results[index] = prepared
+            self._finish(op, prepared)
+            return
+        op.backend_data = (self._batch_handle[0], call)
+        if prepared < call.count:
+            self._batches_short_of_room.append(op)
+
+    def _cancel_batch(self, op: Op) -> None:
+        status = lib.iokit_ring_cancel_batch(self._ring, op.backend_data[0], self._batch_outcome)
+        if status == 1:  # every block had settled, or never reached the kernel: its record is gone
+            self._finish(op, self._batch_outcome[0])
+        elif status < 0:  # -EBUSY: cancels for some blocks found no room yet
+            self._batch_cancels.append(op)
 
     def _describer_table(self) -> dict:
         return {kind: getattr(self, name) for kind, name in _DESCRIBER_NAMES.items()}
@@ -495,7 +559,12 @@ class UringBackend(Backend):
         if op.id in self._backlog_ids:
             # The kernel never saw it: it settles here and now (_prepare skips it when the backlog is offered).
             self._backlog_ids.discard(op.id)
+            for index in range(len(op.results)):  # a batch: every block
+                op.results[index] = ECANCELED
             self._finish(op, ECANCELED)
+            return
+        if op.kind in BATCH_KINDS:
+            self._cancel_batch(op)
             return
         self._queue_cancel(op.id)
 
@@ -506,10 +575,15 @@ class UringBackend(Backend):
             self._cancel_backlog.append(op_id)
 
     def _expire_deadlines(self, timeout: float | None) -> float | None:
-        """Fallback without linked timeouts: cancel the ops whose deadline passed; shorten the wait to the next."""
-        for op, _is_deadline in self._deadline_timers.expired():
-            self._cancel(op)  # not op.cancel_requested: a late accept keeps its fd, as with a linked timeout
-        return self._deadline_timers.timeout(timeout)
+        """The deadlines kept here (batches', and every op's without linked timeouts): cancel the ops whose deadline
+        passed; shorten the wait to the next."""
+        for timers in (self._batch_deadlines, self._deadline_timers):
+            if timers is None:
+                continue
+            for op, _is_deadline in timers.expired():
+                self._cancel(op)  # not op.cancel_requested: a late accept keeps its fd, as with a linked timeout
+            timeout = timers.timeout(timeout)
+        return timeout
 
     # --- completion -------------------------------------------------------------------------------------------------
 
