@@ -169,7 +169,8 @@ class ReplicaLink:
         done = 0
         while done < size:
             piece = min(READ_PIECE_BYTES, size - done)
-            yield await self.store.read_accepted(upload, offset + done, piece)
+            for part in await self.store.read_accepted(upload, offset + done, piece):
+                yield part  # async durability's buffered pieces as received: sent by reference, no copy
             done += piece
 
     async def _find_or_create(self, upload: Upload) -> tuple[int, bool]:

@@ -10,7 +10,10 @@ upload's record (``files.py``), which is what a restarted server starts from. ``
   once the bytes are in this process's memory; a flusher task writes them, fdatasyncs and records the new durable
   offset at least every ``flush_interval`` (200 ms). A crash loses at most what arrived in the last interval (plus a
   flush in progress), and the restarted server says so: its offset is the durable one, and the client resumes there.
-  Memory is bounded: past ``max_buffered_bytes`` for one upload the flusher runs at once and the PATCH waits for it.
+  Memory is bounded: past ``max_buffered_bytes`` waiting in one upload's buffer the flusher runs at once and the
+  PATCH waits until it has taken them (not until they are on disk: the next bytes arrive while those are written and
+  synced, so an upload holds at most twice ``max_buffered_bytes``, and a long upload runs at the disk's pace, not at
+  the pace of one flush after another).
 
 A chunk that can still be refused after all its bytes arrived (it carries ``Upload-Checksum``, or it has no
 ``Content-Length`` and so may run past the upload's length) must not reach the flusher, which would make it durable.
@@ -43,7 +46,7 @@ import iokit
 
 from ..http.errors import BodyIncomplete, HttpError
 from .files import (DATA_SUFFIX, RECORD_SUFFIX, TEMPORARY_SUFFIX, Record, UploadFiles, fsync_directory, is_disk_full,
-                    read_small_file, remove_quietly, reserve_space, truncate)
+                    read_small_file, remove_quietly, reserve_space, truncate, write_pieces_at)
 from .limits import DEFAULT_UPLOAD_LIMITS, UploadLimits
 from .protocol import CHECKSUM_MISMATCH, Checksum, Concat, is_upload_id, new_upload_id, tus_error
 
@@ -74,10 +77,10 @@ class Upload:
         self.busy = False                        # a PATCH, concatenation, delete or expiry has it (423 for others)
         self.committing = False                  # a PATCH is making its chunk the new offset (HEAD: 423 meanwhile)
         self.removed = False
-        self.buffer: list[tuple[int, bytearray]] = []  # async: accepted bytes not yet written, as (offset, data)
-        self.buffered_bytes = 0                  # ... and their total, until written and synced
+        self.buffer: list[tuple[int, bytes]] = []  # async: accepted bytes not yet written, (offset, piece) as received
+        self.buffered_bytes = 0                  # ... and their total, until a flush takes them
         self.io_lock = iokit.Lock()
-        self.flushed = iokit.Event()             # set (and replaced) after each flush of this upload
+        self.buffer_taken = iokit.Event()        # set (and replaced) when a flush takes the buffer: room for more
 
     @property
     def id(self) -> str:
@@ -454,40 +457,46 @@ class UploadStore:
                 finally:
                     await file.aclose()
 
-    async def read_accepted(self, upload: Upload, offset: int, size: int) -> bytes:
-        """Return ``size`` accepted bytes of ``upload`` from ``offset``, whether async mode still holds them in memory
-        or they are in the data file (what a replication sender ships). Raises ``OSError`` (the file), 404 if the
-        upload was removed."""
+    async def read_accepted(self, upload: Upload, offset: int, size: int) -> list[bytes | bytearray]:
+        """Return ``size`` accepted bytes of ``upload`` from ``offset`` as a list of pieces (what a replication sender
+        ships), whether async mode still holds them in memory or they are in the data file. Buffered pieces are
+        returned as they are (no copy: they are immutable, and the flusher only drops its references); the rest is
+        read from the file. Raises ``OSError`` (the file), 404 if the upload was removed."""
         if offset + size > upload.offset:
             raise ValueError(f"bytes up to {offset + size} of {upload.id} are not accepted (offset {upload.offset})")
+        end = offset + size
         async with upload.io_lock:  # the flusher moves bytes from the buffer to the file under this lock
             if upload.removed:
                 raise tus_error(404, "not_found", "no such upload")
             with self._lock:
-                pending = [(start, bytes(data)) for start, data in upload.buffer
-                           if start < offset + size and start + len(data) > offset]
-            file = await upload.files.open_data(os.O_RDONLY)
+                pending = [(start, piece) for start, piece in upload.buffer
+                           if start < end and start + len(piece) > offset]
+            # The buffered pieces are in offset order; the gaps between them (flushed already, or written in place:
+            # a chunk with a checksum) are read from the file, one read per gap, from one open.
+            pieces: list[bytes | bytearray] = []
+            file = None
             try:
-                on_disk = await file.read_at(size, offset)
+                cursor = offset
+                for start, piece in [*pending, (end, b"")]:
+                    if start > cursor:
+                        if file is None:
+                            file = await upload.files.open_data(os.O_RDONLY)
+                        pieces.append(await _read_exactly(file, upload, cursor, start - cursor))
+                    low, high = max(start, offset), min(start + len(piece), end)
+                    if high > low:
+                        whole = low == start and high == start + len(piece)
+                        pieces.append(piece if whole else piece[low - start:high - start])
+                    cursor = max(cursor, high)
             finally:
-                await file.aclose()
-        if not pending:
-            return on_disk  # the usual case (sync durability, or flushed already): no copy
-        data = bytearray(on_disk)
-        data.extend(bytes(size - len(data)))  # a buffered tail not yet in the file
-        for start, piece in pending:
-            low, high = max(start, offset), min(start + len(piece), offset + size)
-            data[low - offset:high - offset] = piece[low - start:high - start]
-        return bytes(data)
+                if file is not None:
+                    await file.aclose()
+        return pieces
 
     def _accept_buffered(self, upload: Upload, piece: bytes) -> None:
-        """Async mode: ``piece`` is accepted (it counts in the offset) and waits in memory for the flusher."""
+        """Async mode: ``piece`` is accepted (it counts in the offset) and waits in memory for the flusher, as it is:
+        the received ``bytes`` (immutable) are kept, not copied; the flusher writes them gathered (``pwritev``)."""
         with self._lock:
-            if upload.buffer and upload.buffer[-1][0] + len(upload.buffer[-1][1]) == upload.offset \
-                    and len(upload.buffer[-1][1]) < self.limits.copy_piece_bytes:
-                upload.buffer[-1][1].extend(piece)  # coalesce small pieces: one write op per MiB, not per recv
-            else:
-                upload.buffer.append((upload.offset, bytearray(piece)))
+            upload.buffer.append((upload.offset, piece))
             upload.buffered_bytes += len(piece)
             upload.offset += len(piece)
             upload.updated_at = self.clock()
@@ -500,11 +509,13 @@ class UploadStore:
         self._wake_flusher_if_full(upload)
 
     async def _wait_for_buffer_room(self, upload: Upload) -> None:
-        """Async mode: wait while ``upload`` holds more than ``max_buffered_bytes`` in memory (backpressure)."""
-        while upload.buffered_bytes > self.limits.max_buffered_bytes and not upload.removed:
-            flushed = upload.flushed
+        """Async mode: wait while more than ``max_buffered_bytes`` of ``upload`` wait for a flush (backpressure)."""
+        while True:
+            taken = upload.buffer_taken  # before the check: the flusher counts the bytes off, then sets this event
+            if upload.buffered_bytes <= self.limits.max_buffered_bytes or upload.removed:
+                return
             self._wake_flusher.set()
-            await flushed.wait()
+            await taken.wait()
 
     def _wake_flusher_if_full(self, upload: Upload) -> None:
         if upload.offset - upload.durable_offset > self.limits.max_buffered_bytes:
@@ -547,12 +558,16 @@ class UploadStore:
                     if upload.removed or (upload.offset == upload.durable_offset and not upload.buffer):
                         return
                     entries, upload.buffer = upload.buffer, []
+                    taken_bytes = sum(len(data) for _, data in entries)
+                    upload.buffered_bytes -= taken_bytes
                     target, updated_at = upload.offset, upload.updated_at
+                taken, upload.buffer_taken = upload.buffer_taken, iokit.Event()
+                taken.set()  # a PATCH waiting for room goes on while these are written and synced
                 try:
                     file = await upload.files.open_data(os.O_WRONLY)
                     try:
-                        for offset, data in entries:
-                            await file.write_all_at(data, offset)
+                        for offset, pieces in _contiguous_runs(entries):
+                            await write_pieces_at(file, pieces, offset)
                         await file.fdatasync()
                     finally:
                         await file.aclose()
@@ -561,12 +576,7 @@ class UploadStore:
                     _log(f"flushing {upload.id} failed, retrying at the next flush: {error}")
                     with self._lock:
                         upload.buffer[:0] = entries
-                else:
-                    with self._lock:
-                        upload.buffered_bytes -= sum(len(data) for _, data in entries)
-                finally:
-                    flushed, upload.flushed = upload.flushed, iokit.Event()
-                    flushed.set()
+                        upload.buffered_bytes += taken_bytes
 
     # -- reading -----------------------------------------------------------------------------------------------------
 
@@ -581,6 +591,27 @@ class UploadStore:
     async def _open_pieces(self, upload: Upload) -> "FilePieces":
         file = await upload.files.open_data(os.O_RDONLY)
         return FilePieces(file, upload.length, self.limits.copy_piece_bytes)
+
+
+async def _read_exactly(file: iokit.File, upload: Upload, offset: int, size: int) -> bytearray:
+    data = bytearray(size)
+    count = await file.read_into_at(data, offset)
+    if count != size:
+        raise OSError(f"{upload.files.data} ends at {offset + count}, before accepted byte {offset + size}")
+    return data
+
+
+def _contiguous_runs(entries: list[tuple[int, bytes]]) -> list[tuple[int, list[bytes]]]:
+    """Group buffered ``(offset, piece)`` entries into runs of pieces that follow one another: one gathered write each
+    (the entries of one upload are one run, unless a rewind cut them)."""
+    runs: list[tuple[int, list[bytes]]] = []
+    end = -1
+    for offset, piece in entries:
+        if offset != end:
+            runs.append((offset, []))
+        runs[-1][1].append(piece)
+        end = offset + len(piece)
+    return runs
 
 
 class AfterCommit(Protocol):
@@ -636,7 +667,8 @@ class Chunk:
         # Bytes that may still be refused once the body is in must not reach the flusher: write them in place.
         self._in_place = (store.durability is Durability.SYNC or checksum is not None or declared_length is None
                           or hold_until_confirmed)
-        self._unwritten = bytearray()  # in place: pieces gathered into one write
+        self._unwritten: list[bytes] = []  # in place: pieces received, not yet written (one gathered write per MiB)
+        self._unwritten_bytes = 0
         self._settled = False
         self._file: iokit.File | None = None
 
@@ -666,7 +698,12 @@ class Chunk:
         return self
 
     async def write(self, piece: bytes) -> None:
-        """Take the next piece of the body. Raises 413 past the upload's length, 507 on a full disk."""
+        """Take the next piece of the body. Raises 413 past the upload's length, 507 on a full disk.
+
+        The piece is kept by reference until written (``bytes``, as the HTTP core hands it over); any other buffer is
+        copied first, since its owner may reuse it."""
+        if type(piece) is not bytes:
+            piece = bytes(piece)
         if self.received + len(piece) > self.upload.length - self.start:
             raise tus_error(413, "beyond_upload_length", f"the body runs past the Upload-Length of "
                                                          f"{self.upload.length}", close=True)
@@ -674,8 +711,9 @@ class Chunk:
         if self._hasher is not None:
             self._hasher.update(piece)
         if self._in_place:
-            self._unwritten += piece
-            if len(self._unwritten) >= self.store.limits.copy_piece_bytes:
+            self._unwritten.append(piece)
+            self._unwritten_bytes += len(piece)
+            if self._unwritten_bytes >= self.store.limits.copy_piece_bytes:
                 await self._write_unwritten()
         else:
             self.store._accept_buffered(self.upload, piece)
@@ -692,10 +730,10 @@ class Chunk:
         await self._keep()
 
     async def _write_unwritten(self) -> None:
-        data, self._unwritten = self._unwritten, bytearray()
-        position = self.start + self.received - len(data)
+        pieces, size = self._unwritten, self._unwritten_bytes
+        self._unwritten, self._unwritten_bytes = [], 0
         try:
-            await self._file.write_all_at(data, position)
+            await write_pieces_at(self._file, pieces, self.start + self.received - size)
         except OSError as error:
             if is_disk_full(error):
                 raise _disk_full("the disk filled up during this chunk; it was discarded") from None
@@ -743,7 +781,7 @@ class Chunk:
     async def _discard(self) -> None:
         """Put the data file back as it was: in place, nothing past the accepted offset survives."""
         self._settled = True
-        self._unwritten = bytearray()
+        self._unwritten, self._unwritten_bytes = [], 0
         truncate(self._file, self.upload.offset)
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
