@@ -837,9 +837,10 @@ static int enqueue(Conn *c, PyObject *obj, const char *data, Py_ssize_t len)
 /* uring, a large mutable buffer: no copy; the queue keeps the caller's buffer exported (so it cannot be resized or
  * freed) until the kernel has sent it, and the sender waits until then, so it cannot write into it either. `view`
  * moves into the segment. */
-static int enqueue_pinned(Conn *c, Py_buffer *view)
+static int enqueue_pinned(Conn *c, Py_buffer *view, Py_ssize_t skip)
 {
 	Py_buffer *pinned = PyMem_Malloc(sizeof *pinned);
+	Py_ssize_t len = view->len - skip;
 
 	if (!pinned || segments_reserve(c) < 0) {
 		PyMem_Free(pinned);
@@ -847,9 +848,9 @@ static int enqueue_pinned(Conn *c, Py_buffer *view)
 	}
 	*pinned = *view;
 	view->obj = NULL;
-	c->segs[c->nsegs++] = (Segment){NULL, pinned, pinned->buf, pinned->len, pinned->len};
-	c->unsent += pinned->len;
-	c->enqueued_total += pinned->len;
+	c->segs[c->nsegs++] = (Segment){NULL, pinned, (char *)pinned->buf + skip, len, len};
+	c->unsent += len;
+	c->enqueued_total += len;
 	return 0;
 }
 
@@ -1277,6 +1278,26 @@ static void flush_all(Loop *L)
 
 /* --- starting a trap ---------------------------------------------------------------------------------------------- */
 
+/* uring, a large mutable buffer of which the kernel took `already` bytes at once: the rest is sent from where it is,
+ * pinned, and the sender is parked until the kernel has sent it all (it may reuse its buffer when sendall returns).
+ * Returns 0 (parked) or 1 (failed, done). */
+static int send_pinned(Loop *L, Conn *c, Trap *t, TaskBase *task, Py_ssize_t already)
+{
+	Py_ssize_t len = t->view.len;
+
+	if (enqueue_pinned(c, &t->view, already) < 0) {
+		trap_fail_errno(t, ENOMEM);
+		set_bytes_sent(t->error, already);
+		return 1;
+	}
+	mark_dirty(L, c);
+	c->writer_start = c->enqueued_total - len;
+	c->writer_len = len;
+	c->writer_pinned = 1;
+	park(&c->writer, t, task);
+	return 0;
+}
+
 /* An injected reset: the connection is shut down both ways, as after a peer's RST, and the op fails. 1: injected. */
 static int fault_reset(Loop *L, Conn *c, Trap *t)
 {
@@ -1434,11 +1455,12 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 			set_bytes_sent(t->error, 0);
 			return 1;
 		}
-		if (t->view.len >= PIN_AT && !c->unsent && !c->send_in_flight && !L->faults.on &&
-		    L->mode == MODE_EPOLL) {
-			/* Large, and nothing queued before it: the syscall now (what uvloop does), and only what the kernel
-			 * did not take is copied into the queue. */
-			ssize_t n = send(c->fd, t->view.buf, (size_t)t->view.len, MSG_NOSIGNAL);
+		if (t->view.len >= PIN_AT && !c->unsent && !c->send_in_flight && !L->faults.on) {
+			/* Large, and nothing queued before it: the syscall now (what uvloop does). On uring too: a send SQE
+			 * would make the same copy into the socket, one turn later, and the sender would wait for its CQE
+			 * (a pipelining peer's next message would then wait a turn). Only what the kernel did not take is
+			 * queued: copied on epoll, pinned on uring. */
+			ssize_t n = send(c->fd, t->view.buf, (size_t)t->view.len, MSG_NOSIGNAL | MSG_DONTWAIT);
 
 			L->sends++;
 			if (n < 0 && errno != EAGAIN && errno != EINTR) {
@@ -1447,35 +1469,24 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 				set_bytes_sent(t->error, 0);
 				return 1;
 			}
-			if (n > 0) {
-				c->enqueued_total += n;
-				c->sent_total += n;
-			}
+			if (n < 0)
+				n = 0;
+			c->enqueued_total += n;
+			c->sent_total += n;
 			if (n == t->view.len) {
 				trap_done(t, NULL, NULL);
 				return 1;
 			}
-			if (enqueue(c, t->view.obj, (char *)t->view.buf + (n > 0 ? n : 0), t->view.len - (n > 0 ? n : 0)) < 0) {
+			if (L->mode == MODE_URING && !PyBytes_CheckExact(t->view.obj) && !c->writer)
+				return send_pinned(L, c, t, task, n);
+			if (enqueue(c, t->view.obj, (char *)t->view.buf + n, t->view.len - n) < 0) {
 				trap_fail_errno(t, ENOMEM);
-				set_bytes_sent(t->error, n > 0 ? n : 0);
+				set_bytes_sent(t->error, n);
 				return 1;
 			}
 		} else if (L->mode == MODE_URING && t->view.len >= PIN_AT && !PyBytes_CheckExact(t->view.obj) &&
 			   !c->writer) {
-			Py_ssize_t len = t->view.len;
-
-			if (enqueue_pinned(c, &t->view) < 0) {
-				trap_fail_errno(t, ENOMEM);
-				set_bytes_sent(t->error, 0);
-				return 1;
-			}
-			mark_dirty(L, c);
-			/* Parked until the kernel has sent it all: the caller may reuse its buffer when this returns. */
-			c->writer_start = c->enqueued_total - len;
-			c->writer_len = len;
-			c->writer_pinned = 1;
-			park(&c->writer, t, task);
-			return 0;
+			return send_pinned(L, c, t, task, 0);
 		} else if (enqueue(c, t->view.obj, t->view.buf, t->view.len) < 0) {
 			trap_fail_errno(t, ENOMEM);
 			set_bytes_sent(t->error, 0);
@@ -2924,9 +2935,11 @@ static PyObject *loop_detach(Loop *L, PyObject *unused)
 static PyObject *loop_statistics(Loop *L, PyObject *unused)
 {
 	(void)unused;
-	return Py_BuildValue("{s:i,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:{s:K,s:K,s:K,s:K}}", "connections", L->live_conns,
+	/* recv_buffers: uring's provided buffers given to the kernel so far (they grow with load); 0 on epoll. */
+	return Py_BuildValue("{s:i,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:{s:K,s:K,s:K,s:K}}", "connections", L->live_conns,
 			     "in_flight", L->in_flight, "resumes", L->resumes, "traps", L->traps, "turns", L->turns,
-			     "completions", L->completions, "sends", L->sends, "stale_events", L->stale, "injected",
+			     "completions", L->completions, "sends", L->sends, "stale_events", L->stale, "recv_buffers",
+			     L->ring ? L->ring->buffers_in_ring : 0u, "injected",
 			     "eagain", L->faults.eagains, "short", L->faults.shorts, "reset", L->faults.resets,
 			     "cancel_race", L->faults.cancel_races);
 }

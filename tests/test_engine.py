@@ -20,7 +20,7 @@ from iokit import TaskGroup, _engine, move_on_after
 from iokit.backends.uring import RECV_BUFFER_COUNT, RECV_BUFFER_SIZE
 
 from conftest import require_backend
-from test_conformance import receive_exactly, tcp_pair
+from test_conformance import LOCALHOST, receive_exactly, tcp_pair
 
 ENGINE_BACKENDS = ["epoll", "uring"]
 
@@ -128,6 +128,42 @@ def test_unread_bytes_are_bounded_on_uring():
     assert first <= _engine.RECV_HIGH_WATER + ring_bytes, first
     assert first < total // 2
     assert 0 < everything <= total
+
+
+def test_the_provided_buffers_grow_when_a_burst_finds_none_left():
+    """64 connections whose 256 KiB arrive in the same turn need more provided buffers than the 128 given at the
+    start (a multishot recv fills one after another while its socket has data): those whose recv found none
+    (-ENOBUFS) re-arm, the ring grows, and every byte arrives."""
+    require_backend("uring")
+    connections, size = 64, 16 * RECV_BUFFER_SIZE
+
+    async def main():
+        async with await iokit.open_tcp_listener(LOCALHOST, 0) as listener:
+            port = listener.address[1]
+            clients, servers = [], []
+            for _ in range(connections):
+                clients.append(await iokit.connect_tcp(LOCALHOST, port))
+                servers.append(await listener.accept())
+        received = {}
+        started = engine_statistics(iokit.current_backend())["recv_buffers"]
+
+        async def read(number, server):
+            received[number] = await receive_exactly(server, size)
+
+        async with TaskGroup() as group:
+            for number, server in enumerate(servers):
+                group.spawn(read, number, server)
+            await iokit.sleep(0.05)  # every reader parked, its multishot recv armed
+            for number, client in enumerate(clients):
+                await client.sendall(bytes([number % 251]) * size)
+        grown = engine_statistics(iokit.current_backend())["recv_buffers"]
+        for stream in clients + servers:
+            await stream.aclose()
+        return started, grown, received
+
+    started, grown, received = iokit.run(main, backend="uring")
+    assert started == 128 and 128 < grown <= RECV_BUFFER_COUNT, (started, grown)
+    assert all(received[number] == bytes([number % 251]) * size for number in range(connections))
 
 
 def test_no_reference_is_left_behind(engine_backend):
