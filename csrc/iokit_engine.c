@@ -338,6 +338,7 @@ typedef struct Conn {
 	unsigned recv_cancel_sent : 1;
 	unsigned accept_in_flight : 1;
 	unsigned accept_cancel_sent : 1;
+	unsigned accept_multishot : 1; /* uring: the accept in flight goes on making connections (5.19) */
 	unsigned send_in_flight : 1; /* uring: a send of segs[0..send_segments) is in flight */
 	unsigned eof : 1;            /* the peer closed its side; readers get b"" */
 	unsigned closing : 1;
@@ -355,6 +356,9 @@ typedef struct Conn {
 	int error;                   /* a sticky errno: the connection failed; every later op raises it */
 	Trap *reader, *writer, *closer; /* parked traps (strong) */
 	Trap *acceptor, *acceptor_tail; /* acceptors, oldest first (several tasks may accept on one listener) */
+	/* uring, a listener: connections the multishot accept made while no task was accepting, oldest first. */
+	int *accepted;
+	int accepted_len, accepted_cap;
 	/* Received and not yet asked for (uring's multishot delivers whether or not a reader waits). */
 	char *rq;
 	Py_ssize_t rq_start, rq_len, rq_cap;
@@ -532,6 +536,7 @@ static void protocol_release(Conn *c)
 
 static void conn_free(Conn *c)
 {
+	PyMem_Free(c->accepted);
 	protocol_release(c);
 	segments_drop(c);
 	PyMem_Free(c->segs);
@@ -548,6 +553,9 @@ static void conn_retire(Loop *L, Conn *c)
 {
 	if (c->dead)
 		return;
+	/* Connections the kernel made that no task took: nobody will now. */
+	while (c->accepted_len)
+		close(c->accepted[--c->accepted_len]);
 	if (L->conns[c->fd] == c) {
 		L->conns[c->fd] = NULL;
 		L->live_conns--;
@@ -656,6 +664,32 @@ static Trap *acceptor_pop(Conn *c)
 		t->next = NULL;
 	}
 	return t;
+}
+
+/* uring: a connection the multishot accept made while no task waited; 0, or -1 with no memory (then it is closed). */
+static int accepted_push(Conn *c, int fd)
+{
+	if (c->accepted_len == c->accepted_cap) {
+		int cap = c->accepted_cap ? 2 * c->accepted_cap : 8;
+		int *grown = PyMem_Realloc(c->accepted, (size_t)cap * sizeof *grown);
+
+		if (!grown) {
+			close(fd);
+			return -1;
+		}
+		c->accepted = grown;
+		c->accepted_cap = cap;
+	}
+	c->accepted[c->accepted_len++] = fd;
+	return 0;
+}
+
+static int accepted_pop(Conn *c)
+{
+	int fd = c->accepted[0];
+
+	memmove(c->accepted, c->accepted + 1, (size_t)--c->accepted_len * sizeof *c->accepted);
+	return fd;
 }
 
 static int acceptor_remove(Conn *c, Trap *t)
@@ -1171,7 +1205,11 @@ static void uring_flush(Loop *L, Conn *c)
 	if (c->want_accept && !c->accept_in_flight) {
 		if (!(sqe = engine_sqe(L)))
 			return;
-		io_uring_prep_accept(sqe, c->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		c->accept_multishot = (L->ring->features & IOKIT_FEATURE_MULTISHOT_ACCEPT) != 0;
+		if (c->accept_multishot)
+			io_uring_prep_multishot_accept(sqe, c->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		else
+			io_uring_prep_accept(sqe, c->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		io_uring_sqe_set_data64(sqe, ENGINE_UD(c->fd, SQE_ACCEPT, c->gen));
 		c->accept_in_flight = 1;
 		c->accept_cancel_sent = 0;
@@ -1517,6 +1555,13 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 				trap_fail_errno(t, -err);
 				return 1;
 			}
+		} else if (c->accepted_len && !c->acceptor) {
+			trap_done(t, PyLong_FromLong(accepted_pop(c)), NULL);
+			if (!c->accept_in_flight && !c->closing) {
+				c->want_accept = 1; /* the backlog was full: the kernel's accepting had stopped */
+				mark_dirty(L, c);
+			}
+			return 1;
 		} else if (!c->accept_in_flight) {
 			c->want_accept = 1; /* else the request in flight (an earlier acceptor's) serves this one */
 			mark_dirty(L, c);
@@ -1746,6 +1791,41 @@ static void uring_recv_completion(Loop *L, Conn *c, const struct io_uring_cqe *c
 	}
 }
 
+/*
+ * A listener's accept CQE. The multishot accept (5.19) goes on making connections while it has F_MORE: each goes to
+ * the oldest acceptor, or waits in `accepted` for the next one; past ACCEPT_BACKLOG waiting the accept is cancelled,
+ * and further connections wait in the kernel's listen backlog (backpressure, as for unread bytes). The single-shot
+ * accept (older kernels) asks again while acceptors wait.
+ */
+#define ACCEPT_BACKLOG 64
+
+static void uring_accept_completion(Loop *L, Conn *c, int res, int more)
+{
+	Trap *acceptor = c->acceptor;
+
+	if (!more)
+		c->accept_in_flight = 0;
+	if (res >= 0 && (c->closing || (!acceptor && !c->accept_multishot))) {
+		close(res); /* the accept was given up (a close, or the last acceptor cancelled): nobody will take it */
+	} else if (res >= 0 && !acceptor) {
+		if (accepted_push(c, res) == 0 && c->accepted_len >= ACCEPT_BACKLOG && more && !c->accept_cancel_sent) {
+			c->want_cancel = 1;
+			mark_dirty(L, c);
+		}
+	} else if (acceptor && !(res == -ECANCELED && c->accept_cancel_sent)) {
+		acceptor_pop(c);
+		if (res >= 0)
+			trap_done(acceptor, PyLong_FromLong(res), NULL);
+		else
+			trap_fail_errno(acceptor, -res);
+		complete_and_wake(L, acceptor);
+	}
+	if (!c->dead && !c->accept_in_flight && c->acceptor && !c->closing) {
+		c->want_accept = 1; /* tasks still wait to accept (after our cancel, too: meant for one that left) */
+		mark_dirty(L, c);
+	}
+}
+
 static void uring_completion(void *engine, const struct io_uring_cqe *cqe)
 {
 	Loop *L = engine;
@@ -1796,34 +1876,9 @@ static void uring_completion(void *engine, const struct io_uring_cqe *cqe)
 		if (!c->dead)
 			after_send_progress(L, c);
 		break;
-	case SQE_ACCEPT: {
-		/* The acceptor now, if any: a cancelled one left at once (loop_cancel), and a later one may wait on this
-		 * same request. */
-		Trap *acceptor = c->acceptor;
-
-		c->accept_in_flight = 0;
-		if (!acceptor) {
-			if (res >= 0)
-				close(res); /* the accept was given up and nobody asks again: nobody will take it */
-			break;
-		}
-		if (res == -ECANCELED && c->accept_cancel_sent && !c->closing) {
-			c->want_accept = 1; /* our cancel, meant for an acceptor that left: ask again for this one */
-			mark_dirty(L, c);
-			break;
-		}
-		acceptor_pop(c);
-		if (res >= 0)
-			trap_done(acceptor, PyLong_FromLong(res), NULL);
-		else
-			trap_fail_errno(acceptor, -res);
-		if (c->acceptor && !c->closing) {
-			c->want_accept = 1; /* more tasks wait to accept */
-			mark_dirty(L, c);
-		}
-		complete_and_wake(L, acceptor);
+	case SQE_ACCEPT:
+		uring_accept_completion(L, c, res, more);
 		break;
-	}
 	}
 	if (!c->dead)
 		try_finish_close(L, c);

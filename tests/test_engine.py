@@ -229,6 +229,51 @@ def test_a_cancelled_accept_closes_what_it_accepted(engine_backend):
     assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
+def closed_by_the_other_end(peer: socket.socket) -> bool:
+    peer.settimeout(5)
+    try:
+        return peer.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_made_while_no_task_accepts_wait_for_the_next_acceptor(engine_backend):
+    """uring's multishot accept goes on accepting between a server's accept calls: 100 connections made while nobody
+    accepts (past the engine's backlog of 64, the rest wait in the kernel's) are all handed out, in order, to the
+    accepts that follow; connections nobody took are closed with the listener. No fd is left over."""
+    async def main():
+        async with await iokit.open_tcp_listener(LOCALHOST, 0, backlog=256) as listener:
+            port = listener.address[1]
+            first = socket.create_connection((LOCALHOST, port))
+            streams = [await listener.accept()]  # the (multishot) accept is now armed
+            peers = [socket.create_connection((LOCALHOST, port)) for _ in range(100)]
+            for number, peer in enumerate(peers):
+                peer.sendall(number.to_bytes(2, "big"))
+            await iokit.sleep(0.1)  # nobody accepts meanwhile
+            sqes = iokit.current_backend().statistics().extra.get("sqes", 0)
+            for _ in range(90):
+                streams.append(await listener.accept())
+            accept_sqes = iokit.current_backend().statistics().extra.get("sqes", 0) - sqes
+            numbers = [int.from_bytes(await receive_exactly(stream, 2), "big") for stream in streams[1:]]
+        # The listener is closed: the 10 connections nobody accepted are closed too (with their 2 bytes unread:
+        # the kernel resets them).
+        ends = [closed_by_the_other_end(peer) for peer in peers[90:]]
+        for stream in streams:
+            await stream.aclose()
+        for peer in [first, *peers]:
+            peer.close()
+        return numbers, ends, accept_sqes
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    numbers, ends, accept_sqes = iokit.run(main, backend=engine_backend)
+    gc.collect()
+    assert numbers == list(range(90))
+    if engine_backend.name == "uring":  # one accept request made them all (it was re-armed once, after the backlog)
+        assert accept_sqes <= 5, accept_sqes
+    assert ends == [True] * 10
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_a_close_does_not_wait_for_a_peer_that_never_reads(engine_backend):
     """sendall queues; a close must not wait forever for bytes a peer never takes. After a cancelled send the queue
     is dropped at once (the stream is cut anyway); otherwise it gets ``flush_seconds``."""
