@@ -338,6 +338,7 @@ typedef struct Conn {
 	unsigned recv_cancel_sent : 1;
 	unsigned accept_in_flight : 1;
 	unsigned accept_cancel_sent : 1;
+	unsigned accept_multishot : 1; /* uring: the accept in flight goes on making connections (5.19) */
 	unsigned send_in_flight : 1; /* uring: a send of segs[0..send_segments) is in flight */
 	unsigned eof : 1;            /* the peer closed its side; readers get b"" */
 	unsigned closing : 1;
@@ -355,6 +356,9 @@ typedef struct Conn {
 	int error;                   /* a sticky errno: the connection failed; every later op raises it */
 	Trap *reader, *writer, *closer; /* parked traps (strong) */
 	Trap *acceptor, *acceptor_tail; /* acceptors, oldest first (several tasks may accept on one listener) */
+	/* uring, a listener: connections the multishot accept made while no task was accepting, oldest first. */
+	int *accepted;
+	int accepted_len, accepted_cap;
 	/* Received and not yet asked for (uring's multishot delivers whether or not a reader waits). */
 	char *rq;
 	Py_ssize_t rq_start, rq_len, rq_cap;
@@ -532,6 +536,7 @@ static void protocol_release(Conn *c)
 
 static void conn_free(Conn *c)
 {
+	PyMem_Free(c->accepted);
 	protocol_release(c);
 	segments_drop(c);
 	PyMem_Free(c->segs);
@@ -548,6 +553,9 @@ static void conn_retire(Loop *L, Conn *c)
 {
 	if (c->dead)
 		return;
+	/* Connections the kernel made that no task took: nobody will now. */
+	while (c->accepted_len)
+		close(c->accepted[--c->accepted_len]);
 	if (L->conns[c->fd] == c) {
 		L->conns[c->fd] = NULL;
 		L->live_conns--;
@@ -656,6 +664,32 @@ static Trap *acceptor_pop(Conn *c)
 		t->next = NULL;
 	}
 	return t;
+}
+
+/* uring: a connection the multishot accept made while no task waited; 0, or -1 with no memory (then it is closed). */
+static int accepted_push(Conn *c, int fd)
+{
+	if (c->accepted_len == c->accepted_cap) {
+		int cap = c->accepted_cap ? 2 * c->accepted_cap : 8;
+		int *grown = PyMem_Realloc(c->accepted, (size_t)cap * sizeof *grown);
+
+		if (!grown) {
+			close(fd);
+			return -1;
+		}
+		c->accepted = grown;
+		c->accepted_cap = cap;
+	}
+	c->accepted[c->accepted_len++] = fd;
+	return 0;
+}
+
+static int accepted_pop(Conn *c)
+{
+	int fd = c->accepted[0];
+
+	memmove(c->accepted, c->accepted + 1, (size_t)--c->accepted_len * sizeof *c->accepted);
+	return fd;
 }
 
 static int acceptor_remove(Conn *c, Trap *t)
@@ -837,9 +871,10 @@ static int enqueue(Conn *c, PyObject *obj, const char *data, Py_ssize_t len)
 /* uring, a large mutable buffer: no copy; the queue keeps the caller's buffer exported (so it cannot be resized or
  * freed) until the kernel has sent it, and the sender waits until then, so it cannot write into it either. `view`
  * moves into the segment. */
-static int enqueue_pinned(Conn *c, Py_buffer *view)
+static int enqueue_pinned(Conn *c, Py_buffer *view, Py_ssize_t skip)
 {
 	Py_buffer *pinned = PyMem_Malloc(sizeof *pinned);
+	Py_ssize_t len = view->len - skip;
 
 	if (!pinned || segments_reserve(c) < 0) {
 		PyMem_Free(pinned);
@@ -847,9 +882,9 @@ static int enqueue_pinned(Conn *c, Py_buffer *view)
 	}
 	*pinned = *view;
 	view->obj = NULL;
-	c->segs[c->nsegs++] = (Segment){NULL, pinned, pinned->buf, pinned->len, pinned->len};
-	c->unsent += pinned->len;
-	c->enqueued_total += pinned->len;
+	c->segs[c->nsegs++] = (Segment){NULL, pinned, (char *)pinned->buf + skip, len, len};
+	c->unsent += len;
+	c->enqueued_total += len;
 	return 0;
 }
 
@@ -1170,7 +1205,11 @@ static void uring_flush(Loop *L, Conn *c)
 	if (c->want_accept && !c->accept_in_flight) {
 		if (!(sqe = engine_sqe(L)))
 			return;
-		io_uring_prep_accept(sqe, c->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		c->accept_multishot = (L->ring->features & IOKIT_FEATURE_MULTISHOT_ACCEPT) != 0;
+		if (c->accept_multishot)
+			io_uring_prep_multishot_accept(sqe, c->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		else
+			io_uring_prep_accept(sqe, c->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		io_uring_sqe_set_data64(sqe, ENGINE_UD(c->fd, SQE_ACCEPT, c->gen));
 		c->accept_in_flight = 1;
 		c->accept_cancel_sent = 0;
@@ -1276,6 +1315,26 @@ static void flush_all(Loop *L)
 }
 
 /* --- starting a trap ---------------------------------------------------------------------------------------------- */
+
+/* uring, a large mutable buffer of which the kernel took `already` bytes at once: the rest is sent from where it is,
+ * pinned, and the sender is parked until the kernel has sent it all (it may reuse its buffer when sendall returns).
+ * Returns 0 (parked) or 1 (failed, done). */
+static int send_pinned(Loop *L, Conn *c, Trap *t, TaskBase *task, Py_ssize_t already)
+{
+	Py_ssize_t len = t->view.len;
+
+	if (enqueue_pinned(c, &t->view, already) < 0) {
+		trap_fail_errno(t, ENOMEM);
+		set_bytes_sent(t->error, already);
+		return 1;
+	}
+	mark_dirty(L, c);
+	c->writer_start = c->enqueued_total - len;
+	c->writer_len = len;
+	c->writer_pinned = 1;
+	park(&c->writer, t, task);
+	return 0;
+}
 
 /* An injected reset: the connection is shut down both ways, as after a peer's RST, and the op fails. 1: injected. */
 static int fault_reset(Loop *L, Conn *c, Trap *t)
@@ -1434,11 +1493,12 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 			set_bytes_sent(t->error, 0);
 			return 1;
 		}
-		if (t->view.len >= PIN_AT && !c->unsent && !c->send_in_flight && !L->faults.on &&
-		    L->mode == MODE_EPOLL) {
-			/* Large, and nothing queued before it: the syscall now (what uvloop does), and only what the kernel
-			 * did not take is copied into the queue. */
-			ssize_t n = send(c->fd, t->view.buf, (size_t)t->view.len, MSG_NOSIGNAL);
+		if (t->view.len >= PIN_AT && !c->unsent && !c->send_in_flight && !L->faults.on) {
+			/* Large, and nothing queued before it: the syscall now (what uvloop does). On uring too: a send SQE
+			 * would make the same copy into the socket, one turn later, and the sender would wait for its CQE
+			 * (a pipelining peer's next message would then wait a turn). Only what the kernel did not take is
+			 * queued: copied on epoll, pinned on uring. */
+			ssize_t n = send(c->fd, t->view.buf, (size_t)t->view.len, MSG_NOSIGNAL | MSG_DONTWAIT);
 
 			L->sends++;
 			if (n < 0 && errno != EAGAIN && errno != EINTR) {
@@ -1447,35 +1507,24 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 				set_bytes_sent(t->error, 0);
 				return 1;
 			}
-			if (n > 0) {
-				c->enqueued_total += n;
-				c->sent_total += n;
-			}
+			if (n < 0)
+				n = 0;
+			c->enqueued_total += n;
+			c->sent_total += n;
 			if (n == t->view.len) {
 				trap_done(t, NULL, NULL);
 				return 1;
 			}
-			if (enqueue(c, t->view.obj, (char *)t->view.buf + (n > 0 ? n : 0), t->view.len - (n > 0 ? n : 0)) < 0) {
+			if (L->mode == MODE_URING && !PyBytes_CheckExact(t->view.obj) && !c->writer)
+				return send_pinned(L, c, t, task, n);
+			if (enqueue(c, t->view.obj, (char *)t->view.buf + n, t->view.len - n) < 0) {
 				trap_fail_errno(t, ENOMEM);
-				set_bytes_sent(t->error, n > 0 ? n : 0);
+				set_bytes_sent(t->error, n);
 				return 1;
 			}
 		} else if (L->mode == MODE_URING && t->view.len >= PIN_AT && !PyBytes_CheckExact(t->view.obj) &&
 			   !c->writer) {
-			Py_ssize_t len = t->view.len;
-
-			if (enqueue_pinned(c, &t->view) < 0) {
-				trap_fail_errno(t, ENOMEM);
-				set_bytes_sent(t->error, 0);
-				return 1;
-			}
-			mark_dirty(L, c);
-			/* Parked until the kernel has sent it all: the caller may reuse its buffer when this returns. */
-			c->writer_start = c->enqueued_total - len;
-			c->writer_len = len;
-			c->writer_pinned = 1;
-			park(&c->writer, t, task);
-			return 0;
+			return send_pinned(L, c, t, task, 0);
 		} else if (enqueue(c, t->view.obj, t->view.buf, t->view.len) < 0) {
 			trap_fail_errno(t, ENOMEM);
 			set_bytes_sent(t->error, 0);
@@ -1506,6 +1555,13 @@ static int start_trap(Loop *L, TaskBase *task, Trap *t)
 				trap_fail_errno(t, -err);
 				return 1;
 			}
+		} else if (c->accepted_len && !c->acceptor) {
+			trap_done(t, PyLong_FromLong(accepted_pop(c)), NULL);
+			if (!c->accept_in_flight && !c->closing) {
+				c->want_accept = 1; /* the backlog was full: the kernel's accepting had stopped */
+				mark_dirty(L, c);
+			}
+			return 1;
 		} else if (!c->accept_in_flight) {
 			c->want_accept = 1; /* else the request in flight (an earlier acceptor's) serves this one */
 			mark_dirty(L, c);
@@ -1735,6 +1791,41 @@ static void uring_recv_completion(Loop *L, Conn *c, const struct io_uring_cqe *c
 	}
 }
 
+/*
+ * A listener's accept CQE. The multishot accept (5.19) goes on making connections while it has F_MORE: each goes to
+ * the oldest acceptor, or waits in `accepted` for the next one; past ACCEPT_BACKLOG waiting the accept is cancelled,
+ * and further connections wait in the kernel's listen backlog (backpressure, as for unread bytes). The single-shot
+ * accept (older kernels) asks again while acceptors wait.
+ */
+#define ACCEPT_BACKLOG 64
+
+static void uring_accept_completion(Loop *L, Conn *c, int res, int more)
+{
+	Trap *acceptor = c->acceptor;
+
+	if (!more)
+		c->accept_in_flight = 0;
+	if (res >= 0 && (c->closing || (!acceptor && !c->accept_multishot))) {
+		close(res); /* the accept was given up (a close, or the last acceptor cancelled): nobody will take it */
+	} else if (res >= 0 && !acceptor) {
+		if (accepted_push(c, res) == 0 && c->accepted_len >= ACCEPT_BACKLOG && more && !c->accept_cancel_sent) {
+			c->want_cancel = 1;
+			mark_dirty(L, c);
+		}
+	} else if (acceptor && !(res == -ECANCELED && c->accept_cancel_sent)) {
+		acceptor_pop(c);
+		if (res >= 0)
+			trap_done(acceptor, PyLong_FromLong(res), NULL);
+		else
+			trap_fail_errno(acceptor, -res);
+		complete_and_wake(L, acceptor);
+	}
+	if (!c->dead && !c->accept_in_flight && c->acceptor && !c->closing) {
+		c->want_accept = 1; /* tasks still wait to accept (after our cancel, too: meant for one that left) */
+		mark_dirty(L, c);
+	}
+}
+
 static void uring_completion(void *engine, const struct io_uring_cqe *cqe)
 {
 	Loop *L = engine;
@@ -1785,34 +1876,9 @@ static void uring_completion(void *engine, const struct io_uring_cqe *cqe)
 		if (!c->dead)
 			after_send_progress(L, c);
 		break;
-	case SQE_ACCEPT: {
-		/* The acceptor now, if any: a cancelled one left at once (loop_cancel), and a later one may wait on this
-		 * same request. */
-		Trap *acceptor = c->acceptor;
-
-		c->accept_in_flight = 0;
-		if (!acceptor) {
-			if (res >= 0)
-				close(res); /* the accept was given up and nobody asks again: nobody will take it */
-			break;
-		}
-		if (res == -ECANCELED && c->accept_cancel_sent && !c->closing) {
-			c->want_accept = 1; /* our cancel, meant for an acceptor that left: ask again for this one */
-			mark_dirty(L, c);
-			break;
-		}
-		acceptor_pop(c);
-		if (res >= 0)
-			trap_done(acceptor, PyLong_FromLong(res), NULL);
-		else
-			trap_fail_errno(acceptor, -res);
-		if (c->acceptor && !c->closing) {
-			c->want_accept = 1; /* more tasks wait to accept */
-			mark_dirty(L, c);
-		}
-		complete_and_wake(L, acceptor);
+	case SQE_ACCEPT:
+		uring_accept_completion(L, c, res, more);
 		break;
-	}
 	}
 	if (!c->dead)
 		try_finish_close(L, c);
@@ -2924,9 +2990,11 @@ static PyObject *loop_detach(Loop *L, PyObject *unused)
 static PyObject *loop_statistics(Loop *L, PyObject *unused)
 {
 	(void)unused;
-	return Py_BuildValue("{s:i,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:{s:K,s:K,s:K,s:K}}", "connections", L->live_conns,
+	/* recv_buffers: uring's provided buffers given to the kernel so far (they grow with load); 0 on epoll. */
+	return Py_BuildValue("{s:i,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:{s:K,s:K,s:K,s:K}}", "connections", L->live_conns,
 			     "in_flight", L->in_flight, "resumes", L->resumes, "traps", L->traps, "turns", L->turns,
-			     "completions", L->completions, "sends", L->sends, "stale_events", L->stale, "injected",
+			     "completions", L->completions, "sends", L->sends, "stale_events", L->stale, "recv_buffers",
+			     L->ring ? L->ring->buffers_in_ring : 0u, "injected",
 			     "eagain", L->faults.eagains, "short", L->faults.shorts, "reset", L->faults.resets,
 			     "cancel_race", L->faults.cancel_races);
 }

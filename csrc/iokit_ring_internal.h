@@ -41,7 +41,9 @@ struct iokit_ring {
 	struct io_uring_buf_ring *buf_ring;
 	size_t buf_ring_bytes;
 	char *buffers;
-	unsigned buffer_count;
+	unsigned buffer_count;     /* the ring's capacity; the buffers' memory is mapped for all of them... */
+	unsigned buffers_in_ring;  /* ...but only these were ever given to the kernel: more as load needs them */
+	bool buffers_short;        /* a recv found no buffer (-ENOBUFS) since the last wait: add some */
 	unsigned buffer_size;
 	uint16_t *lent;        /* buffers handed to the caller by the last wait; the next call gives them back */
 	unsigned lent_count;

@@ -439,6 +439,27 @@ static void recycle_buffers(struct iokit_ring *r)
 	r->lent_count = 0;
 }
 
+/*
+ * Buffers are given to the kernel BUFFERS_ADDED_AT_ONCE at a time: at the start, and again before a wait each time a
+ * recv found none left (-ENOBUFS ends a multishot recv: with too few buffers, the connections re-armed last keep
+ * finding none while the others take every buffer returned, and wait seconds). The kernel cycles through every
+ * buffer in the ring, so each one added is memory touched for good: an idle server keeps 2 MiB, a loaded one what
+ * its load needed, up to the capacity.
+ */
+#define BUFFERS_ADDED_AT_ONCE 128
+
+static void add_buffers(struct iokit_ring *r)
+{
+	unsigned first = r->buffers_in_ring, count = r->buffer_count - first;
+
+	if (count > BUFFERS_ADDED_AT_ONCE)
+		count = BUFFERS_ADDED_AT_ONCE;
+	for (unsigned i = 0; i < count; i++)
+		r->lent[r->lent_count++] = (uint16_t)(first + i);
+	r->buffers_in_ring += count;
+	recycle_buffers(r);
+}
+
 static void internal_completion(struct iokit_ring *r, const struct io_uring_cqe *cqe)
 {
 	eventfd_t ignored;
@@ -476,6 +497,8 @@ unsigned iokit_ring_reap(struct iokit_ring *r, uint64_t *ids, int32_t *results, 
 			if (reaped == max)
 				break;
 			seen++;
+			if (cqe->res == -ENOBUFS)
+				r->buffers_short = true;
 			if (UD_TAG(cqe->user_data) == UD_BATCH) {
 				/* A block of a batch: the batch completes, as one op, with its last block. */
 				if (batch_block_completion(cqe, &ids[reaped], &results[reaped])) {
@@ -530,6 +553,9 @@ int iokit_ring_enter(struct iokit_ring *r, int64_t timeout_ns)
 void iokit_ring_before_wait(struct iokit_ring *r)
 {
 	recycle_buffers(r);
+	if (r->buffers_short && r->buffers_in_ring < r->buffer_count)
+		add_buffers(r);
+	r->buffers_short = false;
 	if (!r->wake_armed)
 		r->wake_armed = arm_wakeup(r) == 0;
 	r->woken = false;
@@ -581,6 +607,7 @@ static void free_buffer_ring(struct iokit_ring *r)
 	r->buf_ring = NULL;
 	r->lent = NULL;
 	r->buffer_count = 0;
+	r->buffers_in_ring = 0;
 }
 
 /*
@@ -592,7 +619,6 @@ static int setup_buffer_ring(struct iokit_ring *r, unsigned count, unsigned size
 	size_t page = (size_t)sysconf(_SC_PAGESIZE);
 	struct io_uring_buf_reg reg;
 	void *memory;
-	unsigned i;
 	int ret;
 
 	if (count == 0 || count > 32768 || (count & (count - 1)) || size == 0)
@@ -623,10 +649,9 @@ static int setup_buffer_ring(struct iokit_ring *r, unsigned count, unsigned size
 	if (ret < 0)
 		goto fail;
 	io_uring_buf_ring_init(r->buf_ring);
-	for (i = 0; i < count; i++)
-		r->lent[i] = (uint16_t)i;
-	r->lent_count = count;
-	recycle_buffers(r);
+	r->lent_count = 0;
+	r->buffers_in_ring = 0;
+	add_buffers(r);
 	return 0;
 fail:
 	free_buffer_ring(r);

@@ -20,7 +20,7 @@ from iokit import TaskGroup, _engine, move_on_after
 from iokit.backends.uring import RECV_BUFFER_COUNT, RECV_BUFFER_SIZE
 
 from conftest import require_backend
-from test_conformance import receive_exactly, tcp_pair
+from test_conformance import LOCALHOST, receive_exactly, tcp_pair
 
 ENGINE_BACKENDS = ["epoll", "uring"]
 
@@ -130,6 +130,42 @@ def test_unread_bytes_are_bounded_on_uring():
     assert 0 < everything <= total
 
 
+def test_the_provided_buffers_grow_when_a_burst_finds_none_left():
+    """64 connections whose 256 KiB arrive in the same turn need more provided buffers than the 128 given at the
+    start (a multishot recv fills one after another while its socket has data): those whose recv found none
+    (-ENOBUFS) re-arm, the ring grows, and every byte arrives."""
+    require_backend("uring")
+    connections, size = 64, 16 * RECV_BUFFER_SIZE
+
+    async def main():
+        async with await iokit.open_tcp_listener(LOCALHOST, 0) as listener:
+            port = listener.address[1]
+            clients, servers = [], []
+            for _ in range(connections):
+                clients.append(await iokit.connect_tcp(LOCALHOST, port))
+                servers.append(await listener.accept())
+        received = {}
+        started = engine_statistics(iokit.current_backend())["recv_buffers"]
+
+        async def read(number, server):
+            received[number] = await receive_exactly(server, size)
+
+        async with TaskGroup() as group:
+            for number, server in enumerate(servers):
+                group.spawn(read, number, server)
+            await iokit.sleep(0.05)  # every reader parked, its multishot recv armed
+            for number, client in enumerate(clients):
+                await client.sendall(bytes([number % 251]) * size)
+        grown = engine_statistics(iokit.current_backend())["recv_buffers"]
+        for stream in clients + servers:
+            await stream.aclose()
+        return started, grown, received
+
+    started, grown, received = iokit.run(main, backend="uring")
+    assert started == 128 and 128 < grown <= RECV_BUFFER_COUNT, (started, grown)
+    assert all(received[number] == bytes([number % 251]) * size for number in range(connections))
+
+
 def test_no_reference_is_left_behind(engine_backend):
     """Traps, tasks and connection entries: the counts of live objects come back after 200 connections."""
     async def one_connection():
@@ -190,6 +226,51 @@ def test_a_cancelled_accept_closes_what_it_accepted(engine_backend):
     fds_before = len(os.listdir("/proc/self/fd"))
     iokit.run(main, backend=engine_backend)
     gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def closed_by_the_other_end(peer: socket.socket) -> bool:
+    peer.settimeout(5)
+    try:
+        return peer.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_made_while_no_task_accepts_wait_for_the_next_acceptor(engine_backend):
+    """uring's multishot accept goes on accepting between a server's accept calls: 100 connections made while nobody
+    accepts (past the engine's backlog of 64, the rest wait in the kernel's) are all handed out, in order, to the
+    accepts that follow; connections nobody took are closed with the listener. No fd is left over."""
+    async def main():
+        async with await iokit.open_tcp_listener(LOCALHOST, 0, backlog=256) as listener:
+            port = listener.address[1]
+            first = socket.create_connection((LOCALHOST, port))
+            streams = [await listener.accept()]  # the (multishot) accept is now armed
+            peers = [socket.create_connection((LOCALHOST, port)) for _ in range(100)]
+            for number, peer in enumerate(peers):
+                peer.sendall(number.to_bytes(2, "big"))
+            await iokit.sleep(0.1)  # nobody accepts meanwhile
+            sqes = iokit.current_backend().statistics().extra.get("sqes", 0)
+            for _ in range(90):
+                streams.append(await listener.accept())
+            accept_sqes = iokit.current_backend().statistics().extra.get("sqes", 0) - sqes
+            numbers = [int.from_bytes(await receive_exactly(stream, 2), "big") for stream in streams[1:]]
+        # The listener is closed: the 10 connections nobody accepted are closed too (with their 2 bytes unread:
+        # the kernel resets them).
+        ends = [closed_by_the_other_end(peer) for peer in peers[90:]]
+        for stream in streams:
+            await stream.aclose()
+        for peer in [first, *peers]:
+            peer.close()
+        return numbers, ends, accept_sqes
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    numbers, ends, accept_sqes = iokit.run(main, backend=engine_backend)
+    gc.collect()
+    assert numbers == list(range(90))
+    if engine_backend.name == "uring":  # one accept request made them all (it was re-armed once, after the backlog)
+        assert accept_sqes <= 5, accept_sqes
+    assert ends == [True] * 10
     assert len(os.listdir("/proc/self/fd")) == fds_before
 
 

@@ -75,7 +75,7 @@ _KERNEL_FACTS = {
 }
 
 BATCH = 256                   # descriptors per C call
-RECV_BUFFER_COUNT = 128       # provided buffers shared by multishot recvs and ops.receive (a power of two)
+RECV_BUFFER_COUNT = 1024      # the provided-buffer ring's capacity (a power of two): the C adds 128 at a time, as load needs
 RECV_BUFFER_SIZE = 16384
 _MAX_TRANSFER = 0x7FFFF000    # the kernel's MAX_RW_COUNT: larger reads and writes are short, as with pread(2)
 # CQE flags, from the kernel's ABI (include/uapi/linux/io_uring.h).
