@@ -14,6 +14,12 @@ Unix sockets, the ``sock_*`` methods and ``add_reader``/``add_writer``. What we 
   pipe transports, ``sock_*``): a level-triggered epoll set of our own (``selectors.EpollSelector``), whose fd is
   itself watched by one POLL op through the backend. When that op completes, the set is polled without blocking;
   otherwise a turn costs no extra syscall.
+* **A flush that calls back.** The engine's turn flushes first (sends what protocols wrote, delivers what waited for
+  ``resume_reading``, closes what was closed), then waits. A callback run by that flush (``data_received``,
+  ``resume_writing``, ``connection_lost``) may schedule asyncio work the wait knows nothing about, and a blocking wait
+  would then sleep on it (a ``StreamReader`` resumed, read, and waiting forever for its own wake-up). When a flush
+  may call back (a transport was resumed, closed or half-closed since the last turn, or one is paused for writing),
+  the selector first turns without blocking, and blocks only if asyncio still has nothing to run.
 """
 
 from __future__ import annotations
@@ -57,13 +63,26 @@ class BackendSelector(selectors.EpollSelector):
         self.backend = backend
         self.engine = backend.attach_engine(_EngineHost())
         self._watch = None  # the POLL op on our epoll fd, while it is in flight
+        self.asyncio_ready: collections.deque = collections.deque()  # the loop's ready queue (set by the loop)
+        self.writers_paused = 0  # engine transports between pause_writing() and resume_writing()
+        self._flush_calls_back = False
+
+    def flush_calls_back(self) -> None:
+        """The engine's next flush will call a protocol (see the module docstring)."""
+        self._flush_calls_back = True
 
     def select(self, timeout: float | None = None):
         watch = self._watch
         if watch is None and self._fd_to_key:
             watch = self._watch = ops.poll(self._selector.fileno(), select.POLLIN)
             self.backend.submit(watch)
-        self.backend.wait(timeout)
+        if timeout != 0 and (self._flush_calls_back or self.writers_paused):
+            self._flush_calls_back = False
+            self.backend.wait(0)
+            if not self.asyncio_ready and (watch is None or watch.state is not _DONE):
+                self.backend.wait(timeout)
+        else:
+            self.backend.wait(timeout)
         if watch is not None and watch.state is _DONE:
             self._watch = None
             return super().select(0)
@@ -103,6 +122,7 @@ class IokitEventLoop(unix_events.SelectorEventLoop):
         self._engine = selector.engine  # None on a uring kernel without provided buffers: asyncio's transports then
         self.backend_name = backend.name
         super().__init__(selector)
+        selector.asyncio_ready = self._ready
 
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
         if self._engine is None or not engine_can_drive(sock):

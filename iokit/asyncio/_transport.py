@@ -25,8 +25,8 @@ from asyncio import base_events, constants, futures, protocols, transports
 
 _STREAM_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6, socket.AF_UNIX})
 # The C transport's methods a protocol may call per message: bound onto the Python transport's instance.
-_C_METHODS = ("write", "writelines", "write_eof", "can_write_eof", "is_closing", "pause_reading", "resume_reading",
-              "is_reading", "get_write_buffer_size", "get_write_buffer_limits", "set_write_buffer_limits")
+_C_METHODS = ("write", "writelines", "can_write_eof", "is_closing", "pause_reading", "is_reading",
+              "get_write_buffer_size", "get_write_buffer_limits", "set_write_buffer_limits")
 
 
 def engine_can_drive(sock: socket.socket) -> bool:
@@ -66,10 +66,11 @@ class PseudoSocket:
         return f"<iokit.asyncio.PseudoSocket fd={self._sock.fileno()} family={self._sock.family!r}>"
 
 
-class EngineTransport(transports.Transport):
+class EngineTransport(transports._FlowControlMixin):  # the mixin: what loop.sendfile()'s fallback checks for
     """A connection driven by the native engine (made by the loop's ``_make_socket_transport``)."""
 
     _sendfile_compatible = constants._SendfileMode.FALLBACK  # loop.sendfile() writes the file through us
+    _start_tls_compatible = True  # loop.start_tls() puts its SSLProtocol on us with set_protocol()
 
     def __init__(self, loop, engine, sock: socket.socket, protocol, waiter=None, extra=None, server=None) -> None:
         base_events._set_nodelay(sock)  # as asyncio's socket transport: small writes leave at once
@@ -80,8 +81,7 @@ class EngineTransport(transports.Transport):
                 info["peername"] = sock.getpeername()
             except OSError:
                 info["peername"] = None
-        super().__init__(info)
-        self._loop = loop
+        super().__init__(info, loop)  # its write-limit methods are replaced by the C transport's in _made()
         self._protocol = protocol
         self._protocol_paused = False  # pause_writing() was called and resume_writing() not yet
         self._server = server
@@ -117,12 +117,24 @@ class EngineTransport(transports.Transport):
 
     # --- what is not per message --------------------------------------------------------------------------------
 
+    # These four make the engine's next flush call back into Python (deliver what waited, resume_writing, close the
+    # fd and so connection_lost): the loop's next wait must not block before asyncio has run what that schedules.
+    def resume_reading(self) -> None:
+        self._loop._selector.flush_calls_back()
+        self._ctransport.resume_reading()
+
+    def write_eof(self) -> None:
+        self._loop._selector.flush_calls_back()
+        self._ctransport.write_eof()
+
     def close(self) -> None:
         if self._ctransport is not None:
+            self._loop._selector.flush_calls_back()
             self._ctransport.close()
 
     def abort(self) -> None:
         if self._ctransport is not None:
+            self._loop._selector.flush_calls_back()
             self._ctransport.abort()
 
     def get_protocol(self):
@@ -159,11 +171,13 @@ class _Relay:
     def pause_writing(self) -> None:
         transport = self.transport
         transport._protocol_paused = True
+        transport._loop._selector.writers_paused += 1  # a flush may now call resume_writing
         transport._protocol.pause_writing()
 
     def resume_writing(self) -> None:
         transport = self.transport
         transport._protocol_paused = False
+        transport._loop._selector.writers_paused -= 1
         transport._protocol.resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -171,4 +185,11 @@ class _Relay:
         transport = self.transport
         transport._lost = True
         transport._socket._lost()
-        transport._loop.call_soon(transport._connection_lost, exc)
+        loop = transport._loop
+        if transport._protocol_paused:
+            transport._protocol_paused = False
+            loop._selector.writers_paused -= 1
+        if loop.is_closed():  # the loop's close() ended the engine, and with it this connection
+            transport._connection_lost(exc)
+        else:
+            loop.call_soon(transport._connection_lost, exc)
