@@ -6,7 +6,8 @@ Existing asyncio programs run on io_uring (or epoll) unchanged::
     iokit.asyncio.run(main(), backend="uring")
 
 or ``asyncio.Runner(loop_factory=iokit.asyncio.new_event_loop)``, or ``asyncio.set_event_loop_policy(
-iokit.asyncio.EventLoopPolicy())``; uvicorn takes ``--loop iokit.asyncio:uvicorn_loop_factory``.
+iokit.asyncio.EventLoopPolicy())``; uvicorn takes ``--loop iokit.asyncio:new_event_loop`` (a loop factory: the
+backend is ``auto``, so ``IOKIT_BACKEND=epoll`` or ``uring`` chooses).
 
 The loop is asyncio's own Unix selector loop (callbacks, timers, executors, signals, subprocesses, datagrams and the
 ``sock_*`` methods are asyncio's code) whose wait is the backend's, and whose stream transports (TCP and Unix, plain
@@ -27,7 +28,7 @@ from ._loop import BackendSelector, IokitEventLoop
 from ._transport import EngineTransport, PseudoSocket
 
 __all__ = ["EngineTransport", "EventLoopPolicy", "IokitEventLoop", "PseudoSocket", "loop_factory", "new_event_loop",
-           "run", "uvicorn_loop_factory", "BackendSelector"]
+           "run", "BackendSelector"]
 
 
 def new_event_loop(backend: str | Backend = "auto", **backend_options) -> IokitEventLoop:
@@ -57,8 +58,3 @@ class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
     def new_event_loop(self) -> IokitEventLoop:
         return new_event_loop(self._backend, **self._backend_options)
 
-
-def uvicorn_loop_factory(use_subprocess: bool = False) -> Callable[[], IokitEventLoop]:
-    """For ``uvicorn --loop iokit.asyncio:uvicorn_loop_factory``: loops over ``auto`` (set ``IOKIT_BACKEND=epoll``
-    or ``uring`` to choose)."""
-    return new_event_loop
