@@ -6,7 +6,8 @@
                                    with ``: ping`` after 15 s of silence
     POST /topics/T/messages        a JSON body (at most 4 KiB): 202 ``{"id", "seq", "topic", "delivered"}``, and the
                                    event goes to every subscriber of T
-    GET  /stats                    subscribers, epoch, latest_id, oldest_id (sequence numbers of this epoch)
+    GET  /stats                    subscribers, epoch, latest_id, oldest_id (sequence numbers of this epoch), pid
+                                   (this process: with --workers, each worker counts its own subscribers)
     GET  /                         a page that shows a live EventSource (its last id, its reconnects)
 
 ``--slow disconnect`` (the default) ends the stream of a subscriber whose queue overflows: it reconnects with its
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pathlib
 import sys
 import threading
@@ -112,12 +114,12 @@ class PushServer:
         if self.reader is not None:
             with self._lock:
                 counts = {"subscribers": self.broker.subscribers, "store": self.redis.url(),
-                          "latest_id": self.reader.last_id}
+                          "latest_id": self.reader.last_id, "pid": os.getpid()}
             return Response.json(counts, headers=[("Cache-Control", "no-store")])
         with self._lock:
             ring = self.broker.ring
             counts = {"subscribers": self.broker.subscribers, "epoch": ring.epoch, "latest_id": ring.latest_seq,
-                      "oldest_id": ring.oldest_seq}
+                      "oldest_id": ring.oldest_seq, "pid": os.getpid()}
         return Response.json(counts, headers=[("Cache-Control", "no-store")])
 
     async def page(self, request) -> Response:

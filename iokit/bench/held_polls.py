@@ -10,6 +10,12 @@ The held clients are plain non-blocking sockets of this process: each connects, 
 (``GET /jobs/ID?wait=60&version=V``) and reads nothing. The row waits until the server's ``/stats`` counts all of them
 held, so the memory is measured with every request registered. A server that cannot hold them (a thread each, and the
 descriptor limit) fails the row with how many it held.
+
+Each row is measured twice: with the in-memory store (one process), and with ``--store redis`` and ``--workers 2``
+(``redis_store.py``: the held requests spread over two processes, each woken through Redis; the memory is then that
+of both workers, their parent and Redis, and ``redis_cpu_s`` is Redis's share of the short polls). The ``held 0``
+rows of the two give the cost of a short poll through Redis (one round trip per poll) against memory: the Redis
+row's ``x_memory`` is its ops/s over the memory row's on the same backend.
 """
 
 from __future__ import annotations
@@ -20,9 +26,13 @@ import select
 import socket
 import time
 
+import psutil
+
+from . import redis_store
 from .context import BenchRun
 from .loadgen import loadgen_or_skip, run_load
-from .processes import Server, current_rss_kib
+from .processes import Server, current_rss_kib, process_tree
+from .redis_store import RedisStores, WorkerStats, workers_of
 from .results import summarize
 from .servers import example_server_specs, sweep
 
@@ -41,15 +51,31 @@ def configurations(run: BenchRun) -> list[dict]:
     return [{"held": 0}, {"held": run.settings.idle_clients}]
 
 
-def _server_specs(run: BenchRun):
+def _server_options(run: BenchRun) -> list[str]:
     count = run.settings.idle_clients
-    # Room for every held request, plus the spare connections the server keeps for everyone else.
-    return example_server_specs(run, EXAMPLE, "--max-held-requests", str(count + 16),
-                                "--max-connections", str(count + 256 + 16))
+    # Room for every held request, plus the spare connections the server keeps for everyone else (in each worker:
+    # the kernel's spreading of connections over them is not even).
+    return ["--max-held-requests", str(count + 16), "--max-connections", str(count + 256 + 16)]
+
+
+def _server_specs(run: BenchRun):
+    return example_server_specs(run, EXAMPLE, *_server_options(run))
 
 
 def planned(run: BenchRun) -> int:
-    return len(configurations(run)) * len(_server_specs(run))
+    rows = len(configurations(run)) * len(_server_specs(run))
+    return rows + redis_store.planned(rows)
+
+
+def _rss_kib(server: Server) -> int:
+    """The resident memory of the server's processes (with ``--workers``: the workers and their parent)."""
+    total = 0
+    for pid in process_tree(server.pid):
+        try:
+            total += current_rss_kib(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _request(server: Server, method: str, path: str, body: bytes | None = None) -> dict:
@@ -66,10 +92,19 @@ def _request(server: Server, method: str, path: str, body: bytes | None = None) 
         connection.close()
 
 
+def held_requests(server: Server, workers: int) -> int:
+    """The long polls the server holds, all its workers together."""
+    stats = WorkerStats(workers)
+    for _ in range(redis_store.MAX_STATS_ASKS):
+        if stats.add(_request(server, "GET", "/stats")):   # a new connection each: any worker may answer
+            return stats.total("held")
+    raise RuntimeError(stats.missing())
+
+
 class HeldPolls:
     """``count`` long polls on ``job_id`` held open by this process until ``close()``."""
 
-    def __init__(self, server: Server, job_id: str, version: int, count: int):
+    def __init__(self, server: Server, job_id: str, version: int, count: int, workers: int = 1):
         request = (f"GET /jobs/{job_id}?wait={HOLD_SECONDS}&version={version} HTTP/1.1\r\n"
                    f"Host: {server.host}:{server.port}\r\n\r\n").encode()
         self.sockets: list[socket.socket] = []
@@ -81,7 +116,7 @@ class HeldPolls:
             for first in range(0, count, OPEN_BATCH):
                 batch = min(OPEN_BATCH, count - first)
                 self._open(server, request, batch)
-                self._wait_until_held(server, first, first + batch)
+                self._wait_until_held(server, first, first + batch, workers)
         except BaseException:
             self.close()
             raise
@@ -110,12 +145,12 @@ class HeldPolls:
                 sock.send(request)   # ~100 bytes into an empty send buffer: all of it goes
 
     @staticmethod
-    def _wait_until_held(server: Server, held: int, count: int) -> None:
+    def _wait_until_held(server: Server, held: int, count: int, workers: int) -> None:
         """Wait until the server holds ``count`` long polls (``held`` of them already were)."""
         progress_at = time.monotonic()
         while True:
             try:
-                now_held = _request(server, "GET", "/stats")["held"]
+                now_held = held_requests(server, workers)
             except TimeoutError:
                 raise RuntimeError(f"the server did not answer GET /stats within 10 s while holding {held} of "
                                    f"{count} long polls") from None
@@ -140,16 +175,19 @@ def run(run: BenchRun) -> None:
     loadgen = loadgen_or_skip(run, WORKLOAD, specs)
     if loadgen is None:
         return
+    stores: RedisStores | None = None
 
     def measure(server: Server, params: dict):
-        count = params["held"]
+        count, workers = params["held"], workers_of(params)
         job = _request(server, "POST", "/jobs", JOB)
-        rss_before = current_rss_kib(server.pid)
-        held = HeldPolls(server, job["id"], job["version"], count) if count else None
+        rss_before = _rss_kib(server) + _redis_rss_kib(server.name)
+        held = HeldPolls(server, job["id"], job["version"], count, workers) if count else None
         try:
             time.sleep(SETTLE_S if count else 0)
-            rss_held = current_rss_kib(server.pid)
+            rss_held = _rss_kib(server) + _redis_rss_kib(server.name)
+            redis_cpu_before = _redis_cpu_s(server.name)
             samples, figures = run_load(run, loadgen, server, connections=1, depth=1, http_path=f"/jobs/{job['id']}")
+            redis_cpu = _redis_cpu_s(server.name)
         finally:
             if held:
                 held.close()
@@ -157,8 +195,36 @@ def run(run: BenchRun) -> None:
                      rss_per_held_request_kib=round((rss_held - rss_before) / count, 2) if count else None,
                      hold_seconds=round(held.seconds, 2) if held else None)
         notes = ["ops, latency and CPU are those of one short-polling client beside the held requests"]
+        if workers > 1:
+            extra["redis_cpu_s"] = round(redis_cpu - redis_cpu_before, 3)
+            notes.append("RSS: both workers, their parent and Redis; CPU: the server's processes (Redis's over the "
+                         "load, its warm-up included, in redis_cpu_s)")
         if figures.get("errors"):
             notes.append(f"{figures['errors']} errors (connection or non-2xx)")
-        return summarize(WORKLOAD, server.name, params, samples, extra=extra, notes=notes)
+        result = summarize(WORKLOAD, server.name, params, samples, extra=extra, notes=notes)
+        if workers > 1:
+            result.extra["x_memory"] = _ratio_to_memory(run, result)
+        return result
+
+    def _redis_rss_kib(backend: str) -> int:
+        redis = stores.redis.get(backend) if stores else None
+        return current_rss_kib(redis.process.pid) if redis is not None else 0
+
+    def _redis_cpu_s(backend: str) -> float:
+        return (stores.cpu_s(backend) or 0.0) if stores else 0.0
 
     sweep(run, WORKLOAD, specs, configurations(run), measure)
+    redis_configurations = redis_store.configurations(configurations(run))
+    if redis_store.skip_all(run, WORKLOAD, redis_configurations):
+        return
+    with RedisStores(run, EXAMPLE, *_server_options(run)) as stores:
+        sweep(run, WORKLOAD, stores.specs, redis_configurations, measure)
+
+
+def _ratio_to_memory(run: BenchRun, row) -> float | None:
+    """A Redis row's ops/s over those of the in-memory row with the same params and backend (measured before it)."""
+    memory_params = {key: value for key, value in row.params.items() if key not in redis_store.PARAMS}
+    for memory in run.report.results:
+        if memory.workload == WORKLOAD and memory.backend == row.backend and memory.params == memory_params:
+            return round(row.ops_per_s / memory.ops_per_s, 2) if memory.ops_per_s else None
+    return None

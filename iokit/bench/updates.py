@@ -32,20 +32,29 @@ bounded in count (connections, polls per update, lines per event) and the whole 
 ``blocking`` and ``threads`` serve each connection with a thread (a pool worker), each with its own eventfd: two
 descriptors per client, so they run the client counts that fit the descriptor limit, and the others are skipped
 with that reason (10,000 clients need 20,000+ descriptors; RLIMIT_NOFILE is 20,000 here).
+
+Every row is measured twice: in memory (one process), then with ``--store redis`` and ``--workers 2``
+(``redis_store.py``: each backend's servers on a Redis of their own, pinned to the measured core). Then a long poll
+is woken through Redis's pub/sub, a short poll is one Redis round trip, and an event goes through a Redis stream to
+each worker's reader; the held requests and subscribers are those of both workers, and ``redis_cpu_s`` is Redis's CPU
+over the window, beside the server's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import resource
 import time
 from typing import Callable
 
+from . import redis_store
 from .context import BenchRun
 from .processes import Server, Usage, reset_peak_rss
+from .redis_store import RedisStores, WorkerStats, workers_of
 from .results import Result, RunSample, percentile, summarize
 from .servers import HOST, example_server_specs, sweep
 
@@ -93,6 +102,7 @@ class Outcome:
     usage: Usage | None            # the server's over the window, when a measure was given
     held: int | None               # /stats in the middle of the window: held long polls (jobs) or subscribers (push)
     client_cpu_s: float            # this process's CPU over the window (the clients' side)
+    store_cpu_s: float | None = None   # Redis's over the window, for the --store redis rows
 
 
 class HttpConnection:
@@ -204,12 +214,33 @@ async def _stats(connection: HttpConnection) -> dict:
     return json.loads(content)
 
 
-async def _until_counted(connection: HttpConnection, field: str, count: int) -> None:
+class StatsReader:
+    """The server's ``/stats`` counts, all its workers together: on the observer's connection with one worker; with
+    several, each answering for itself, on new connections until every one has answered (``redis_store``)."""
+
+    def __init__(self, observer: HttpConnection, host: str, port: int, workers: int):
+        self.observer, self.host, self.port, self.workers = observer, host, port, workers
+
+    async def count(self, field: str) -> int:
+        if self.workers == 1:
+            return (await _stats(self.observer)).get(field, 0)
+        stats = WorkerStats(self.workers)
+        for _ in range(redis_store.MAX_STATS_ASKS):
+            connection = await HttpConnection.open(self.host, self.port, Traffic())   # not the watchers' cost
+            try:
+                if stats.add(await _stats(connection)):
+                    return stats.total(field)
+            finally:
+                connection.close()
+        raise RuntimeError(stats.missing())
+
+
+async def _until_counted(stats: StatsReader, field: str, count: int) -> None:
     """Wait (bounded) until the server's ``/stats`` counts ``count`` in ``field``."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S + count * 0.001
     seen = 0
     while time.monotonic() < deadline:
-        seen = (await _stats(connection)).get(field, 0)
+        seen = await stats.count(field)
         if seen >= count:
             return
         await asyncio.sleep(0.02)
@@ -220,12 +251,14 @@ class _Window:
     """The window's start and end, and what is measured across it."""
 
     def __init__(self, start: float, seconds: float, rate: float, traffic: Traffic,
-                 measure: Callable[[], Usage] | None, observer: HttpConnection, held_field: str):
+                 measure: Callable[[], Usage] | None, stats: StatsReader, held_field: str,
+                 store_cpu: Callable[[], float] | None = None):
         self.loop = asyncio.get_running_loop()
         self.start, self.end = start, start + seconds
         # /stats is read halfway between two updates near the middle, not as one is being delivered.
         self.sample_at = start + (int(rate * seconds / 2) + 0.5) / rate if rate * seconds >= 1 else start + seconds / 2
-        self.traffic, self.measure, self.observer, self.held_field = traffic, measure, observer, held_field
+        self.traffic, self.measure, self.stats, self.held_field = traffic, measure, stats, held_field
+        self.store_cpu = store_cpu
         self.held: int | None = None
 
     async def open(self) -> None:
@@ -234,24 +267,27 @@ class _Window:
             raise RuntimeError(f"the setup overran the window's start by {now - self.start + 0.02:.2f} s")
         await asyncio.sleep(self.start - 0.02 - now)
         self.usage0 = self.measure() if self.measure else None
+        self.store_cpu0 = self.store_cpu() if self.store_cpu else None
         self.traffic0 = dataclasses.replace(self.traffic)
         self.cpu0 = time.process_time()
         await asyncio.sleep(max(0.0, self.start - self.loop.time()))
 
     async def sample_held(self) -> None:
         await asyncio.sleep(max(0.0, self.sample_at - self.loop.time()))
-        self.held = (await _stats(self.observer)).get(self.held_field)
+        self.held = await self.stats.count(self.held_field)
 
     async def close(self, latencies: list[float], setup: Traffic) -> Outcome:
         await asyncio.sleep(max(0.0, self.end - self.loop.time()))
         seconds = self.loop.time() - self.start
         usage = self.measure() - self.usage0 if self.measure else None
+        store_cpu_s = self.store_cpu() - self.store_cpu0 if self.store_cpu else None
         return Outcome(latencies, seconds, self.traffic - self.traffic0, setup, usage, self.held,
-                       time.process_time() - self.cpu0)
+                       time.process_time() - self.cpu0, store_cpu_s)
 
 
 async def _push(host: str, port: int, clients: int, rate: float, seconds: float, traffic: Traffic,
-                measure: Callable[[], Usage] | None = None) -> Outcome:
+                measure: Callable[[], Usage] | None = None, workers: int = 1,
+                store_cpu: Callable[[], float] | None = None) -> Outcome:
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
 
@@ -268,10 +304,11 @@ async def _push(host: str, port: int, clients: int, rate: float, seconds: float,
     producer = await HttpConnection.open(host, port, Traffic())
     subscribers = await _open_all(clients, subscribe)
     try:
-        await _until_counted(observer, "subscribers", clients)
+        stats = StatsReader(observer, host, port, workers)
+        await _until_counted(stats, "subscribers", clients)
         setup = dataclasses.replace(traffic)
-        window = _Window(loop.time() + 0.3 + rate * seconds * 0.001, seconds, rate, traffic, measure, observer,
-                         "subscribers")
+        window = _Window(loop.time() + 0.3 + rate * seconds * 0.001, seconds, rate, traffic, measure, stats,
+                         "subscribers", store_cpu)
         times = schedule(clients, rate, seconds, window.start)
 
         async def follow(connection: HttpConnection, count: int) -> None:
@@ -315,7 +352,8 @@ async def _create_jobs(producer: HttpConnection, times: list[list[float]],
 
 
 async def _poll(host: str, port: int, clients: int, rate: float, seconds: float, traffic: Traffic,
-                long_poll: bool, measure: Callable[[], Usage] | None = None) -> Outcome:
+                long_poll: bool, measure: Callable[[], Usage] | None = None, workers: int = 1,
+                store_cpu: Callable[[], float] | None = None) -> Outcome:
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
 
@@ -327,9 +365,10 @@ async def _poll(host: str, port: int, clients: int, rate: float, seconds: float,
 
     observer = await HttpConnection.open(host, port, Traffic())    # /stats and the producer: not the watchers' cost
     connections = await _open_all(clients, connect)
+    stats = StatsReader(observer, host, port, workers)
     try:
         window = _Window(loop.time() + setup_allowance(clients, rate, seconds), seconds, rate, traffic, measure,
-                         observer, "held")
+                         stats, "held", store_cpu)
         times = schedule(clients, rate, seconds, window.start)
         jobs, idle = await _create_jobs(observer, times, window.end + IDLE_JOB_EXTRA_S)
         watched = [[*client_jobs, idle] for client_jobs in jobs]    # a client always watches something
@@ -337,7 +376,7 @@ async def _poll(host: str, port: int, clients: int, rate: float, seconds: float,
             for first in range(0, clients, CONNECT_BATCH):
                 await asyncio.gather(*(connections[i].send("GET", target(watched[i][0], watched[i][0][1]))
                                        for i in range(first, min(clients, first + CONNECT_BATCH))))
-            await _until_counted(observer, "held", clients)
+            await _until_counted(stats, "held", clients)
         setup = dataclasses.replace(traffic)
 
         async def follow_long(connection: HttpConnection, client_jobs: list[tuple[str, int, float]]) -> None:
@@ -417,20 +456,26 @@ def configurations(run: BenchRun, clients: int, modes: tuple[str, ...]) -> list[
     return [{"mode": mode, "clients": clients, "rate": run.settings.update_rate} for mode in modes]
 
 
-def _specs(run: BenchRun, clients: int, example: str) -> list:
+def _server_options(clients: int, example: str) -> list[str]:
     room = ["--max-connections", str(clients + SPARE_CONNECTIONS), "--idle-timeout", "120"]
     if example == JOBS_EXAMPLE:
-        options = [*JOBS_SERVER_OPTIONS, *room, "--max-held-requests", str(clients + 16)]
-    else:
-        options = [*room, "--max-subscribers", str(clients + 16)]
-    return [spec for spec in example_server_specs(run, example, *options)
-            if too_many_clients(spec.name, clients) is None]
+        return [*JOBS_SERVER_OPTIONS, *room, "--max-held-requests", str(clients + 16)]
+    return [*room, "--max-subscribers", str(clients + 16)]
+
+
+def _fits(specs: list, clients: int) -> list:
+    return [spec for spec in specs if too_many_clients(spec.name, clients) is None]
+
+
+def _specs(run: BenchRun, clients: int, example: str) -> list:
+    return _fits(example_server_specs(run, example, *_server_options(clients, example)), clients)
 
 
 def planned(run: BenchRun) -> int:
-    return sum(len(configurations(run, clients, ("short", "long"))) * len(_specs(run, clients, JOBS_EXAMPLE))
+    rows = sum(len(configurations(run, clients, ("short", "long"))) * len(_specs(run, clients, JOBS_EXAMPLE))
                + len(configurations(run, clients, ("push",))) * len(_specs(run, clients, PUSH_EXAMPLE))
                for clients in run.settings.update_clients)
+    return rows + redis_store.planned(rows)
 
 
 def summarize_outcome(backend: str, params: dict, outcome: Outcome, seconds: float) -> Result:
@@ -460,25 +505,33 @@ def summarize_outcome(backend: str, params: dict, outcome: Outcome, seconds: flo
         "seconds_between_updates_per_client": client_interval, "poll_interval_s": POLL_INTERVAL_S,
         "seconds": seconds,
     }
+    if outcome.store_cpu_s is not None:
+        extra["redis_cpu_s"] = round(outcome.store_cpu_s, 3)
+        extra["redis_cpu_us_per_update"] = round(outcome.store_cpu_s * 1e6 / delivered) if delivered else None
+        notes.append("CPU: the server's processes (both workers and their parent); Redis's in redis_cpu_s")
     if delivered < extra["expected_updates"]:
         notes.append(f"error: {extra['expected_updates'] - delivered} updates not delivered")
     return summarize(WORKLOAD, backend, params, [sample], notes=notes, extra=extra)
 
 
 def scenario(mode: str, host: str, port: int, clients: int, rate: float, seconds: float, traffic: Traffic,
-             measure: Callable[[], Usage] | None = None):
+             measure: Callable[[], Usage] | None = None, workers: int = 1,
+             store_cpu: Callable[[], float] | None = None):
     if mode == "push":
-        return _push(host, port, clients, rate, seconds, traffic, measure)
-    return _poll(host, port, clients, rate, seconds, traffic, mode == "long", measure)
+        return _push(host, port, clients, rate, seconds, traffic, measure, workers, store_cpu)
+    return _poll(host, port, clients, rate, seconds, traffic, mode == "long", measure, workers, store_cpu)
 
 
 def run(run: BenchRun) -> None:
     seconds = run.settings.updates_seconds
 
+    stores: RedisStores | None = None
+
     def measure(server: Server, params: dict):
         clients, rate = params["clients"], params["rate"]
+        store_cpu = functools.partial(stores.cpu_s, server.name) if workers_of(params) > 1 else None
         coroutine = scenario(params["mode"], server.host, server.port, clients, rate, seconds, Traffic(),
-                             server.measure)
+                             server.measure, workers_of(params), store_cpu)
         reset_peak_rss(server.pid)   # the row's own peak (its setup and window), not the server's since it started
         try:
             outcome = asyncio.run(asyncio.wait_for(coroutine, row_timeout(clients, rate, seconds)))
@@ -495,3 +548,16 @@ def run(run: BenchRun) -> None:
         sweep(run, WORKLOAD, _specs(run, clients, JOBS_EXAMPLE), configurations(run, clients, ("short", "long")),
               measure)
         sweep(run, WORKLOAD, _specs(run, clients, PUSH_EXAMPLE), configurations(run, clients, ("push",)), measure)
+    # The same rows with --store redis and 2 workers, after all the in-memory ones.
+    redis_rows = [(clients, example, redis_store.configurations(configurations(run, clients, modes)))
+                  for clients in run.settings.update_clients
+                  for example, modes in ((JOBS_EXAMPLE, ("short", "long")), (PUSH_EXAMPLE, ("push",)))]
+    if redis_store.skip_all(run, WORKLOAD, [params for _, _, rows in redis_rows for params in rows]):
+        return
+    for clients, example, rows in redis_rows:
+        for backend in run.backends:
+            reason = too_many_clients(backend, clients)   # kept for 2 workers: the kernel does not split them evenly
+            for params in rows if reason else ():
+                run.skip(WORKLOAD, backend, reason, params)
+        with RedisStores(run, example, *_server_options(clients, example)) as stores:
+            sweep(run, WORKLOAD, _fits(stores.specs, clients), rows, measure)

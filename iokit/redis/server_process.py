@@ -8,6 +8,7 @@ Makefile's ``apt-test`` installs it).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Iterable
 
 START_TIMEOUT = 10.0
 
@@ -30,10 +32,11 @@ class RedisServerProcess:
     """``redis-server`` in a child process. ``url`` is ``redis://127.0.0.1:PORT/0``; a context manager that starts it
     and, at the end, kills it and removes its directory. ``password`` makes it require ``AUTH``; ``durable`` makes it
     append every write to its log and fsync it before replying (``appendfsync always``), so that a write it
-    acknowledged survives ``kill()`` and ``start()``."""
+    acknowledged survives ``kill()`` and ``start()``. ``cpus`` pins it to those CPUs (the bench puts it on the core of
+    the servers it serves, so that their figures include what Redis costs)."""
 
     def __init__(self, port: int | None = None, *, password: str | None = None, durable: bool = False,
-                 executable: str = "redis-server"):
+                 executable: str = "redis-server", cpus: Iterable[int] | None = None):
         found = shutil.which(executable)
         if found is None:
             raise FileNotFoundError(f"{executable} is not installed (Debian: apt-get install redis-server)")
@@ -42,6 +45,7 @@ class RedisServerProcess:
         self.port = free_port() if port is None else port
         self.password = password
         self.durable = durable
+        self.cpus = None if cpus is None else frozenset(cpus)
         self.directory = tempfile.mkdtemp(prefix="iokit-redis-")
         self.process: subprocess.Popen | None = None
 
@@ -60,13 +64,13 @@ class RedisServerProcess:
     def start(self) -> None:
         """Start the server (again, on the same port after ``kill``) and return once it answers ``PING``."""
         command = [self.executable, "--port", str(self.port), "--bind", self.host, "--dir", self.directory,
-                   "--save", "",
-                   "--appendonly", "yes" if self.durable else "no", "--appendfsync", "always", "--daemonize", "no", "--logfile", "redis.log",
-                   "--maxclients", "20000"]
+                   "--save", "", "--appendonly", "yes" if self.durable else "no", "--appendfsync", "always",
+                   "--daemonize", "no", "--logfile", "redis.log", "--maxclients", "20000"]
         if self.password is not None:
             command += ["--requirepass", self.password]
+        pin = None if self.cpus is None else functools.partial(os.sched_setaffinity, 0, self.cpus)
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, preexec_fn=pin)
         deadline = time.monotonic() + START_TIMEOUT
         while not self._answers_ping():
             if self.process.poll() is not None or time.monotonic() > deadline:
