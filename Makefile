@@ -39,6 +39,9 @@ $(VENV)/.created:
 # Rebuilt when the C or its cffi declaration changes.
 $(VENV)/.built: $(VENV)/.created pyproject.toml setup.py build_ffi.py $(wildcard csrc/*.c csrc/*.h)
 	$(PY) -m pip install -q -e '.[test,bench]'
+	@# anyio's source distribution, the installed version: tests/test_asyncio_anyio.py runs part of its suite
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d build/anyio-sdist \
+		"anyio==$$($(PY) -c 'import importlib.metadata as m; print(m.version("anyio"))')"
 	touch $@
 
 build: apt-test $(VENV)/.built
