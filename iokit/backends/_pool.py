@@ -95,7 +95,7 @@ class WorkerPool:
             self._queue(op)
 
     def _start_batch(self, op: Op) -> None:
-        call = BatchCall(op)
+        call = BatchCall(op, stoppable=True)
         blocks_per_part = 1 if _is_direct(op.fd) else BUFFERED_BLOCKS_PER_PART
         count = call.count
         part_count = min(self.max_workers, -(-count // blocks_per_part))

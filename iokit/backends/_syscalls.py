@@ -195,7 +195,7 @@ class BatchCall:
 
     __slots__ = ("op", "count", "write", "base", "blocks", "offsets", "results", "stop", "_keep")
 
-    def __init__(self, op: Op) -> None:
+    def __init__(self, op: Op, *, stoppable: bool = False) -> None:
         self.op = op
         self.count = len(op.offsets)
         self.write = 1 if op.kind is OpKind.WRITE_BATCH else 0
@@ -210,7 +210,7 @@ class BatchCall:
             self.blocks = ffi.new("struct iovec[]", [(keep, view.nbytes) for keep, view in zip(self._keep, op.buffers)])
         self.offsets = ffi.from_buffer("int64_t[]", op.offsets)
         self.results = ffi.from_buffer("int32_t[]", op.results)
-        self.stop = ffi.new("int32_t *")
+        self.stop = ffi.new("int32_t *") if stoppable else ffi.NULL  # only a worker's call can be stopped
 
     def run(self, start: int, count: int) -> int:
         """Perform blocks ``[start, start + count)``, each result into ``op.results``; returns that slice's outcome."""
@@ -224,7 +224,7 @@ class BatchCall:
 
     def cancel(self) -> None:
         """Make the calls running (and to come) leave the blocks they have not started, with -ECANCELED."""
-        if lib is not None:
+        if lib is not None and self.stop:
             self.stop[0] = 1
 
     def settle_cancelled(self, start: int, count: int) -> None:
@@ -302,6 +302,11 @@ def wait_then_attempt(op: Op, wake_fd: int) -> int:
     result = attempt(op)
     if result != EAGAIN:
         return result
+    return wait_then_retry(op, wake_fd)
+
+
+def wait_then_retry(op: Op, wake_fd: int) -> int:
+    """The rest of ``wait_then_attempt`` once a first attempt said -EAGAIN: poll(2) and try again until done."""
     poller = select.poll()
     # A POLL op waits for exactly its own events: POLLIN for a POLLRDHUP-only wait would spin while data is unread.
     poller.register(op.fd, op.flags if op.kind is OpKind.POLL else

@@ -18,9 +18,9 @@ import select
 import threading
 import weakref
 
-from .._op import Op
+from .._op import Op, OpKind
 from ._base import Backend
-from ._syscalls import drain_eventfd, wait_then_attempt
+from ._syscalls import EAGAIN, attempt, drain_eventfd, wait_then_attempt, wait_then_retry
 from ._timers import poll_milliseconds
 
 
@@ -33,6 +33,7 @@ class _ThreadState:
         self.completed: list[Op] = []
         self.close: weakref.finalize | None = None
         self._fd = -1
+        self._poller: select.poll | None = None
 
     @property
     def wake_fd(self) -> int:
@@ -40,6 +41,14 @@ class _ThreadState:
             self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self.close = weakref.finalize(self, os.close, self._fd)
         return self._fd if self.close.alive else -1
+
+    @property
+    def poller(self) -> select.poll:
+        """A poll set holding this thread's eventfd, made once (a wait is on every op's path)."""
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.wake_fd, select.POLLIN)
+        return self._poller
 
 
 class BlockingBackend(Backend):
@@ -80,9 +89,13 @@ class BlockingBackend(Backend):
             super()._admit(op)
 
     def _start(self, op: Op) -> None:
-        if op.wake_fd < 0:
-            op.wake_fd = self.thread_wake_fd()
-        result = wait_then_attempt(op, op.wake_fd)
+        # Try first: a file op or a ready socket is done without the thread's eventfd ever being looked up.
+        result = attempt(op) if op.kind is not OpKind.TIMEOUT else EAGAIN
+        if result == EAGAIN:
+            if op.wake_fd < 0:
+                op.wake_fd = self.thread_wake_fd()
+            result = (wait_then_retry(op, op.wake_fd) if op.kind is not OpKind.TIMEOUT
+                      else wait_then_attempt(op, op.wake_fd))
         with self._lock:
             self._finish(op, result)
 
@@ -92,11 +105,12 @@ class BlockingBackend(Backend):
 
     def _wait_for_events(self, timeout: float | None) -> None:
         # Ops finish inside submit(), so there is nothing to wait for but a wakeup() (or, in close(), other threads).
-        wake_fd = self.thread_wake_fd()
-        poller = select.poll()
-        poller.register(wake_fd, select.POLLIN)
-        if poller.poll(poll_milliseconds(timeout)):
-            drain_eventfd(wake_fd)
+        # Not waiting at all needs no syscall: a wakeup() left in the eventfd only makes the next real wait return.
+        if timeout is not None and timeout <= 0:
+            return
+        state = self._thread_state()
+        if state.poller.poll(poll_milliseconds(timeout)):
+            drain_eventfd(state.wake_fd)
 
     def wakeup(self) -> None:
         with self._states_lock:
