@@ -2,6 +2,11 @@
 writes with an fsync after every write and after every 32. Each on every backend, next to fio (psync and io_uring
 engines) and, for warm reads, a raw ``os.pread`` loop.
 
+The batched read rows (params ``ops=batched``, queue depths ``BATCH_QUEUE_DEPTHS``) keep one ``ops.read_batch`` of
+that many blocks in flight: one op per batch, so Python's cost is paid per batch, not per read. Their references are
+measured again in the same group (the ``os.pread`` loop for warm rows, fio's io_uring engine at that depth), so each
+row's ratio is to a reference measured minutes, not an hour, apart.
+
 What these rows are meant to show, both ways: with a warm page cache a read is a memory copy of ~1 us, so any machinery
 around it (a completion queue, a thread hand-off, an op object) is pure overhead and a plain ``pread`` is hard to beat;
 with O_DIRECT each read waits for the device, and what counts is how many reads one thread keeps in flight, which is
@@ -29,12 +34,15 @@ WORKLOADS = ("file-randread", "file-write")
 # The references each row is compared with in the table (when measured).
 RATIO_REFERENCES = {"file-randread": ("ref:fio-io_uring", "ref:pread"), "file-write": ("ref:fio-psync",)}
 CHUNK = 1 << 20
+BATCH_QUEUE_DEPTHS = (1, 8, 32, 128)
 
 
 def configurations(run: BenchRun) -> list[tuple[str, dict]]:
     settings = run.settings
     reads = [("file-randread", {"cache": cache, "queue_depth": depth})
              for cache in ("warm", "direct") for depth in settings.queue_depths]
+    reads += [("file-randread", {"cache": cache, "queue_depth": depth, "ops": "batched"})
+              for cache in ("warm", "direct") for depth in BATCH_QUEUE_DEPTHS]
     writes = [("file-write", {"fsync_every": every}) for every in settings.fsync_every]
     return [(workload, params) for workload, params in reads + writes if run.wants_workload(workload)]
 
@@ -43,9 +51,10 @@ def engines_for(run: BenchRun, workload: str, params: dict) -> list[str]:
     """Our backends, then the references that make sense for this configuration."""
     references = []
     if workload == "file-randread":
-        if params["cache"] == "warm" and params["queue_depth"] == 1:
-            references.append("pread")
-        if params["queue_depth"] == 1:
+        batched = params.get("ops") == "batched"
+        if params["cache"] == "warm" and (params["queue_depth"] == 1 or batched):
+            references.append("pread")       # a batched row's target is a ratio to it
+        if params["queue_depth"] == 1 and not batched:
             references.append("fio-psync")   # synchronous: a deeper queue would be the same measurement
         references.append("fio-io_uring")
     else:
@@ -154,7 +163,8 @@ def run(run: BenchRun) -> None:
                 elif workload == "file-randread":
                     samples = _worker_samples(run, {"engine": engine, "kind": "randread", "path": str(read_path),
                                                     "direct": params["cache"] == "direct",
-                                                    "queue_depth": params["queue_depth"]})
+                                                    "queue_depth": params["queue_depth"],
+                                                    "batched": params.get("ops") == "batched"})
                 else:
                     samples = _worker_samples(run, {"engine": engine, "kind": "write", "path": str(write_path),
                                                     "fsync_every": params["fsync_every"]})
