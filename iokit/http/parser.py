@@ -292,6 +292,10 @@ class RequestParser:
             return self._events.pop(0)
         return None
 
+    def has_events(self) -> bool:
+        """``True`` while ``next_event()`` has something to hand out."""
+        return bool(self._events)
+
     @property
     def head_in_progress(self) -> bool:
         """``True`` while some bytes of a request head have arrived but not the whole head (the header timeout runs)."""

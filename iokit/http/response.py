@@ -9,7 +9,6 @@ disagrees with the bytes that follow it.
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
 import enum
 import json
@@ -68,18 +67,20 @@ class BodyFraming(enum.Enum):
     UNTIL_CLOSE = "until close"       # a streamed body to an HTTP/1.0 client
 
 
-@dataclasses.dataclass(frozen=True)
 class FramedHead:
     """The bytes of a status line and header section, and how the body after it must be sent.
 
     ``content_length`` is set for ``BodyFraming.LENGTH`` (even for HEAD, where it describes the body not sent);
-    ``close`` says the connection ends after this response.
+    ``close`` says the connection ends after this response. (A slots class: one is made per response.)
     """
 
-    data: bytes
-    framing: BodyFraming
-    content_length: int | None
-    close: bool
+    __slots__ = ("data", "framing", "content_length", "close")
+
+    def __init__(self, data: bytes, framing: BodyFraming, content_length: int | None, close: bool):
+        self.data = data
+        self.framing = framing
+        self.content_length = content_length
+        self.close = close
 
 
 def status_has_body(status: int) -> bool:
@@ -123,8 +124,7 @@ def frame_response(response: Response, *, request_method: str, request_version: 
         fields.append(("Connection", "close"))
     elif request_version == "1.0":
         fields.append(("Connection", "keep-alive"))
-    data = _encode_head(response.status, fields)
-    return FramedHead(data=data, framing=framing, content_length=content_length, close=not keep_alive)
+    return FramedHead(_encode_head(response.status, fields), framing, content_length, not keep_alive)
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -153,27 +153,34 @@ def _handler_fields(response: Response, keep_alive: bool) -> tuple[list[tuple[st
 
 
 def _encode_head(status: int, fields: list[tuple[str, str]]) -> bytes:
-    lines = [_status_line(status), b"Date: ", _http_date(), b"\r\nServer: " + SERVER_NAME.encode() + b"\r\n"]
-    for name, value in fields:
-        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
-            # A handler echoing client text into a header must not be able to split the response.
-            raise ValueError(f"header {name!r} contains a line break")
-        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    text = "".join([f"{name}: {value}\r\n" for name, value in fields])
+    if text.count("\n") != len(fields) or text.count("\r") != len(fields):
+        # A handler echoing client text into a header must not be able to split the response.
+        name = next(name for name, value in fields if "\r" in name + value or "\n" in name + value)
+        raise ValueError(f"header {name!r} contains a line break")
+    return b"".join((_status_line(status), _date_and_server(), text.encode("latin-1"), b"\r\n"))
+
+
+_status_lines: dict[int, bytes] = {}
 
 
 def _status_line(status: int) -> bytes:
-    return f"HTTP/1.1 {status} {reason_phrase(status)}\r\n".encode("ascii")
+    line = _status_lines.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} {reason_phrase(status)}\r\n".encode("ascii")
+        if len(_status_lines) < 1000:
+            _status_lines[status] = line
+    return line
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
 
-def _http_date() -> bytes:
-    """Return the current time as an HTTP date; formatted at most once a second (it is on every response)."""
+def _date_and_server() -> bytes:
+    """Return the ``Date`` and ``Server`` lines; formatted at most once a second (they are on every response)."""
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode("ascii"))
+        date = email.utils.formatdate(now, usegmt=True).encode("ascii")
+        _date_cache = (now, b"Date: " + date + b"\r\nServer: " + SERVER_NAME.encode() + b"\r\n")
     return _date_cache[1]

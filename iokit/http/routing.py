@@ -20,6 +20,7 @@ Handler = Callable[["Request"], Awaitable[Response]]  # noqa: F821 - Request liv
 
 # A route's body cap: this sentinel means "the server's HttpLimits.max_body_bytes"; None means no cap (stream it).
 DEFAULT_BODY_CAP = object()
+_MAX_REMEMBERED = 1024  # (method, path) pairs App.resolve keeps the route of
 _SEGMENT_PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -61,6 +62,9 @@ class App:
 
     def __init__(self) -> None:
         self._routes: list[Route] = []
+        # (method, path) -> the match found for it: a resolution depends on nothing else, and most requests of a
+        # server ask for a handful of paths. Only found routes without parameters are kept, and only so many.
+        self._found: dict[tuple[str, str], RouteMatch] = {}
 
     def route(self, method: str, pattern: str, *, max_body_size: object = DEFAULT_BODY_CAP):
         """Return a decorator that adds its function as the handler of ``method`` on ``pattern``.
@@ -82,13 +86,23 @@ class App:
         regex = re.compile("".join(re.escape(piece) if index % 2 == 0 else f"(?P<{piece}>[^/]+)"
                                    for index, piece in enumerate(pieces)))
         self._routes.append(Route(method.upper(), pattern, handler, max_body_size, regex))
+        self._found.clear()
 
     def resolve(self, method: str, path: str) -> RouteMatch:
         """Return the route for ``method`` and ``path``.
 
         Raises ``HttpError(404)`` when no route has this path, ``HttpError(405)`` with ``Allow`` when some do, for other
-        methods.
+        methods. A match without path parameters is remembered and handed out again: do not change its dict.
         """
+        found = self._found.get((method, path))
+        if found is not None:
+            return found
+        match = self._search(method, path)
+        if not match.path_params and len(self._found) < _MAX_REMEMBERED:
+            self._found[(method, path)] = match
+        return match
+
+    def _search(self, method: str, path: str) -> RouteMatch:
         allowed: list[str] = []
         for route in self._routes:
             params = route.match(path)
