@@ -415,6 +415,7 @@ typedef struct {
 	char *scratch;
 	/* counters */
 	unsigned long long resumes, traps, turns, completions, sends, stale;
+	unsigned long long callbacks; /* protocol methods called */
 	/* Fault injection (set_faults, for iokit.backends.faults): the rare cases of the hot path made common, with a
 	 * seeded generator so that a failing run replays. 0 rates: off, and the checks cost one branch. */
 	struct {
@@ -1899,6 +1900,7 @@ static PyObject *protocol_call_method(Loop *L, Conn *c, PyObject *method, PyObje
 		return NULL;
 	previous = set_current(c->owner);
 	Py_INCREF(method);
+	L->callbacks++;
 	result = arg ? PyObject_CallOneArg(method, arg) : PyObject_CallNoArgs(method);
 	restore_current(previous);
 	if (!result) {
@@ -2866,16 +2868,18 @@ static PyObject *loop_turn(Loop *L, PyObject *arg)
 {
 	int ok, ret;
 	int64_t timeout_ns = timeout_to_ns(arg, &ok);
-	unsigned long long resumes;
+	unsigned long long resumes, callbacks;
 
 	if (!ok)
 		return NULL;
 	resumes = L->resumes;
+	callbacks = L->callbacks;
 	L->turns++;
 	flush_all(L);
 	/* Come back at once if the flush woke a task (a closer or writer whose bytes left: it may have finished the
-	 * program, or queued more) or left something it found no room for. */
-	if (L->dirty || L->resumes != resumes)
+	 * program, or queued more), called a protocol (resume_reading's bytes, resume_writing: it may have made work
+	 * for Python, a task to wake, asyncio callbacks) or left something it found no room for. */
+	if (L->dirty || L->resumes != resumes || L->callbacks != callbacks)
 		timeout_ns = 0;
 	if (L->mode == MODE_URING) {
 		unsigned reaped;

@@ -154,6 +154,40 @@ def test_pause_reading_holds_data_received_and_loses_nothing(run):
     assert bytes(protocol.received) == b"held back"
 
 
+def test_what_resume_reading_delivers_wakes_a_waiting_task_at_once(run):
+    """On epoll the bytes that waited in the socket are read, and data_received called, by the flush that starts the
+    next turn. A task that data_received wakes must run in that turn, not after the wait that follows (which,
+    with nothing more to come, would block until the deadline)."""
+    class Notifier(Recorder):
+        def __init__(self) -> None:
+            super().__init__(echo=False)
+            self.arrived = iokit.Event()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.arrived.set()
+
+    protocol = Notifier()
+
+    async def body(client):
+        while protocol.transport is None:
+            await iokit.sleep(0.01)
+        protocol.transport.pause_reading()
+        await client.sendall(b"held back")
+        await iokit.sleep(0.2)  # the bytes are in the server's socket (or its queue), the edge long gone
+        started = iokit.current_time()
+        protocol.transport.resume_reading()
+        with move_on_after(5):
+            await protocol.arrived.wait()
+        waited = iokit.current_time() - started
+        protocol.transport.close()
+        return waited
+
+    waited = run(served, protocol, body)
+    assert bytes(protocol.received) == b"held back"
+    assert waited < 2.5, f"the woken task waited {waited:.1f} s for a turn"
+
+
 def test_abort_drops_the_queue_and_ends_the_connection(run):
     protocol = Recorder(echo=False)
 
