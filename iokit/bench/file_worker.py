@@ -15,9 +15,9 @@ buffer. Latency is from the moment an op was handed to ``submit_many`` to the mo
 one clock read per batch. The raw ``os.pread`` loop (``ref:pread``) reads the clock the same way, so the difference is
 what the abstraction costs.
 
-The batched rows (``"batched": true``) keep one ``ops.read_batch`` of QUEUE_DEPTH blocks in flight and submit the next
-as soon as it completes; each of its reads counts as an op, with the batch's latency (its submission to its
-completion). The offsets come from the same random list as the single-op rows', cut into batches beforehand, as the
+The batched rows (``"batched": true``) keep QUEUE_DEPTH reads in flight as ``ops.read_batch`` ops of BATCH blocks
+each, and replace each batch as soon as it completes; each of its reads counts as an op, with the batch's latency
+(its submission to its completion). The offsets come from the same random list as the single-op rows', cut into batches beforehand, as the
 ``os.pread`` loop draws its offsets from that list.
 
 For writes, an op's latency is the time until it is *durable*: from the submission of its batch of FSYNC_EVERY writes
@@ -139,19 +139,22 @@ def backend_random_reads(backend, fd: int, queue_depth: int, offsets: list[int],
     backend.close()   # cancels and drains what is still in flight before the buffers go
 
 
-def backend_batched_reads(backend, fd: int, batch_size: int, offsets: list[int], runs: TimedRuns) -> None:
+def backend_batched_reads(backend, fd: int, queue_depth: int, batch_size: int, offsets: list[int],
+                          runs: TimedRuns) -> None:
     from .. import ops
     batches = [array.array("q", offsets[start:start + batch_size])
                for start in range(0, len(offsets) - batch_size + 1, batch_size)]
     next_batch = itertools.cycle(batches).__next__
     clock = time.perf_counter_ns
-    memory, _blocks = aligned_buffers(batch_size)
-    buffer = memoryview(memory)
+    memory, _blocks = aligned_buffers(queue_depth)
+    view = memoryview(memory)
     latencies = runs.latencies_ns
     repeat = itertools.repeat
-    op = ops.read_batch(fd, buffer, next_batch())
-    op.user_data = clock()
-    backend.submit(op)   # uring: queued, and submitted by the enter of the wait that follows
+    now = clock()
+    for start in range(0, queue_depth, batch_size):  # QD / batch_size batches in flight, each in its own buffer
+        op = ops.read_batch(fd, view[start * BLOCK:(start + batch_size) * BLOCK], next_batch())
+        op.user_data = now
+        backend.submit(op)   # uring: queued, and submitted by the enter of the wait that follows
     while True:
         done = backend.wait()
         now = clock()
@@ -161,7 +164,7 @@ def backend_batched_reads(backend, fd: int, batch_size: int, offsets: list[int],
             if op.result != batch_size or op.results.count(BLOCK) != batch_size:
                 raise OSError(f"{op!r}: expected {batch_size} blocks of {BLOCK} bytes, got {list(op.results)}")
             latencies.extend(repeat(now - op.user_data, batch_size))
-            new = ops.read_batch(fd, buffer, next_batch())
+            new = ops.read_batch(fd, op.buffer, next_batch())
             new.user_data = now
             backend.submit(new)
     backend.close()
@@ -219,7 +222,7 @@ def main(spec: dict) -> None:
             raw_pread_loop(fd, offsets, runs)
         elif spec.get("batched"):
             from .. import open_backend
-            backend_batched_reads(open_backend(engine), fd, spec["queue_depth"], offsets, runs)
+            backend_batched_reads(open_backend(engine), fd, spec["queue_depth"], spec["batch"], offsets, runs)
         else:
             from .. import open_backend
             backend_random_reads(open_backend(engine), fd, spec["queue_depth"], offsets, runs)
