@@ -6,6 +6,9 @@ probe with nobody held: what a long-polling server pays to keep N clients waitin
 answered quickly. It is the held-request version of ``waiting-clients`` (there, a client waits on a bare echo
 connection; here, inside an HTTP request with its parser, routing, cancel scopes and the waiter registry).
 
+A third row has 16 clients short-polling at once and nobody held: the requests/s the server can give short polls
+(each a keep-alive connection sending its next poll as soon as the answer comes).
+
 The held clients are plain non-blocking sockets of this process: each connects, sends one request
 (``GET /jobs/ID?wait=60&version=V``) and reads nothing. The row waits until the server's ``/stats`` counts all of them
 held, so the memory is measured with every request registered. A server that cannot hold them (a thread each, and the
@@ -14,8 +17,9 @@ descriptor limit) fails the row with how many it held.
 Each row is measured twice: with the in-memory store (one process), and with ``--store redis`` and ``--workers 2``
 (``redis_store.py``: the held requests spread over two processes, each woken through Redis; the memory is then that
 of both workers, their parent and Redis, and ``redis_cpu_s`` is Redis's share of the short polls). The ``held 0``
-rows of the two give the cost of a short poll through Redis (one round trip per poll) against memory: the Redis
-row's ``x_memory`` is its ops/s over the memory row's on the same backend.
+rows of the two give the cost of a short poll through Redis (one round trip per poll) against memory, in latency (one
+client) and in requests/s (16): the Redis row's ``x_memory`` is its ops/s over the memory row's on the same
+backend.
 """
 
 from __future__ import annotations
@@ -42,13 +46,14 @@ HOLD_SECONDS = 60          # the longest wait the server allows: the row ends we
 SETTLE_S = 0.3
 STALL_S = 10               # no more requests held for this long: the server will not hold more
 OPEN_BATCH = 500           # held requests opened at once (below the listen backlog of 1024)
+SHORT_POLLERS = 16         # the throughput row: this many clients short-polling at once, nobody held
 JOB = json.dumps({"duration_ms": 600_000}).encode()   # the longest job: it does not change while a row is measured
 
 
 def configurations(run: BenchRun) -> list[dict]:
     if not run.wants_workload(WORKLOAD):
         return []
-    return [{"held": 0}, {"held": run.settings.idle_clients}]
+    return [{"held": 0}, {"held": run.settings.idle_clients}, {"held": 0, "connections": SHORT_POLLERS}]
 
 
 def _server_options(run: BenchRun) -> list[str]:
@@ -213,7 +218,8 @@ def run(run: BenchRun) -> None:
             time.sleep(SETTLE_S if count else 0)
             rss_held = _rss_kib(server) + _redis_rss_kib(server.name)
             redis_cpu_before = _redis_cpu_s(server.name)
-            samples, figures = run_load(run, loadgen, server, connections=1, depth=1, http_path=f"/jobs/{job['id']}")
+            samples, figures = run_load(run, loadgen, server, connections=params.get("connections", 1), depth=1,
+                                        http_path=f"/jobs/{job['id']}")
             redis_cpu = _redis_cpu_s(server.name)
         finally:
             if held:
@@ -221,7 +227,9 @@ def run(run: BenchRun) -> None:
         extra = dict(figures, rss_kib=rss_held,
                      rss_per_held_request_kib=round((rss_held - rss_before) / count, 2) if count else None,
                      hold_seconds=round(held.seconds, 2) if held else None)
-        notes = ["ops, latency and CPU are those of one short-polling client beside the held requests"]
+        pollers = params.get("connections", 1)
+        notes = [f"ops, latency and CPU are those of {pollers} short-polling client{'s' if pollers > 1 else ''} beside "
+                 f"the held requests"]
         if workers > 1:
             extra["redis_cpu_s"] = round(redis_cpu - redis_cpu_before, 3)
             notes.append("RSS: both workers, their parent and Redis; CPU: the server's processes (Redis's over the "

@@ -5,7 +5,10 @@
   the ``blocking`` backend are threads, so the idle list is kept under a lock.
 * **Reconnects.** A connection that failed is dropped, never reused, and the next command opens a new one. When one
   fails, the server has likely gone away for all of them (a restart), so every connection idle at the time of the
-  failure is dropped too (the pool's *generation*), and an idle connection is peeked at before it is reused.
+  failure is dropped too (the pool's *generation*), and a connection idle for ``PROBE_AFTER_IDLE_SECONDS`` or more
+  is peeked at before it is reused. One given back less than that ago is reused without a look (the peek is a
+  system call per command, and on ``uring`` the engine's armed receive sees a close before any peek could): a restart within that time shows at the connection's next command, which a
+  read-only command survives (resent on a new connection) and a write reports as ``maybe_applied``.
 * **Retries only where nothing can be applied twice.** A command that failed before any byte of it was sent is sent
   again on a new connection; so is a read-only command (``GET``, ``XRANGE``...: ``READ_ONLY_COMMANDS``) that failed on a
   reused connection. A write whose reply did not come is *not* resent: the ``RedisConnectionError`` says it may have
@@ -35,6 +38,7 @@ from .errors import RedisConnectionError, RedisError, RedisReplyError, RedisTime
 DEFAULT_COMMAND_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 32
+PROBE_AFTER_IDLE_SECONDS = 1.0
 
 # Commands that change nothing: resending one whose reply was lost cannot apply anything twice.
 READ_ONLY_COMMANDS = frozenset({
@@ -101,7 +105,8 @@ class RedisClient:
         self.command_timeout = command_timeout
         self.connect_timeout = connect_timeout
         self._lock = threading.Lock()
-        self._idle: list[tuple[int, RedisConnection]] = []  # (generation it was opened in, connection), newest last
+        # (generation it was opened in, when it was given back, connection), newest last
+        self._idle: list[tuple[int, float, RedisConnection]] = []
         self._generation = 0
         self._permits: iokit.Queue = iokit.Queue(max_connections)
         for _ in range(max_connections):
@@ -172,18 +177,24 @@ class RedisClient:
         by ``deadline``, and what opening one raises."""
         if self._closed:
             raise RedisError("the Redis client is closed")
-        with iokit.CancelScope(deadline=deadline) as scope:
-            await self._permits.get()
-        if scope.cancelled_caught:
-            raise RedisTimeout(f"all {self.max_connections} connections to {self.address.url()} stayed busy",
-                               maybe_applied=False)
+        try:
+            self._permits.get_nowait()  # the common case: no deadline to watch, no trip round the loop
+        except iokit.WouldBlock:
+            with iokit.CancelScope(deadline=deadline) as scope:
+                await self._permits.get()
+            if scope.cancelled_caught:
+                raise RedisTimeout(f"all {self.max_connections} connections to {self.address.url()} stayed busy",
+                                   maybe_applied=False)
         try:
             while True:
                 with self._lock:
                     if not self._idle:
                         break
-                    generation, connection = self._idle.pop()
-                if generation == self._generation and not connection.probe_closed():
+                    generation, given_back_at, connection = self._idle.pop()
+                if generation == self._generation and not (
+                        connection.broken is not None
+                        or (iokit.current_time() - given_back_at >= PROBE_AFTER_IDLE_SECONDS
+                            and connection.probe_closed())):
                     self._counts["reused"] += 1
                     return connection, True
                 await self._discard(connection)
@@ -201,7 +212,7 @@ class RedisClient:
         with self._lock:
             keep = not self._closed
             if keep:
-                self._idle.append((self._generation, connection))
+                self._idle.append((self._generation, iokit.current_time(), connection))
         self._permits.put_nowait(None)
         if not keep:  # the client was closed while this command ran
             await connection.aclose()
@@ -230,7 +241,7 @@ class RedisClient:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for _, connection in idle:
+        for _, _, connection in idle:
             await connection.aclose()
 
     # -- pub/sub -----------------------------------------------------------------------------------------------------

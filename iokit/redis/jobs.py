@@ -178,11 +178,11 @@ class RedisJobStore:
         return monitor_of(reply[1].decode(), reply[2]), outcome == b"created"
 
     async def get(self, job_id: str) -> dict:
-        """Return the job's monitor: one round trip, unless the job is running past its end (then it advances)."""
-        fields, gone, (seconds, microseconds) = await self.client.pipeline(
-            [("HGETALL", self._job_key(job_id)), ("EXISTS", self.prefix + "gone:" + job_id), ("TIME",)])
+        """Return the job's monitor: one round trip, unless the job is running past its end (then it advances) or is
+        not there (then a second one tells 404 from 410)."""
+        fields, (seconds, microseconds) = await self.client.pipeline([("HGETALL", self._job_key(job_id)), ("TIME",)])
         if not fields:
-            if gone:
+            if await self.client.execute("EXISTS", self.prefix + "gone:" + job_id):
                 raise JobGone(f"job {job_id} finished more than {self.limits.retention_seconds:g} s ago and was "
                               f"dropped")
             raise JobNotFound(f"no job {job_id}")
