@@ -68,8 +68,8 @@ def test_ten_thousand_long_polls_across_two_workers():
     statuses = collections.Counter(status for status, _ in answers)
     late = sorted(arrived - ends_at for _, arrived in answers)
     print(f"{HELD_POLLS} held polls (held in {polls.seconds:.1f} s), statuses {dict(statuses)}, released after the "
-          f"job's end: first {late[0]:.3f} s, p50 {late[len(late) // 2]:.3f} s, p99 {late[len(late) * 99 // 100]:.3f} s, "
-          f"max {late[-1]:.3f} s")
+          f"job's end: first {late[0]:.3f} s, p50 {late[len(late) // 2]:.3f} s, "
+          f"p99 {late[len(late) * 99 // 100]:.3f} s, max {late[-1]:.3f} s")
     assert statuses == {200: HELD_POLLS}
     assert late[-1] < RELEASE_BOUND_SECONDS
 

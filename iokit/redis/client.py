@@ -7,8 +7,9 @@
   fails, the server has likely gone away for all of them (a restart), so every connection idle at the time of the
   failure is dropped too (the pool's *generation*), and a connection idle for ``PROBE_AFTER_IDLE_SECONDS`` or more
   is peeked at before it is reused. One given back less than that ago is reused without a look (the peek is a
-  system call per command, and on ``uring`` the engine's armed receive sees a close before any peek could): a restart within that time shows at the connection's next command, which a
-  read-only command survives (resent on a new connection) and a write reports as ``maybe_applied``.
+  system call per command, and on ``uring`` the engine's armed receive sees a close before any peek could): a
+  restart within that time shows at the connection's next command, which a read-only command survives (resent on a
+  new connection) and a write reports as ``maybe_applied``.
 * **Retries only where nothing can be applied twice.** A command that failed before any byte of it was sent is sent
   again on a new connection; so is a read-only command (``GET``, ``XRANGE``...: ``READ_ONLY_COMMANDS``) that failed on a
   reused connection. A write whose reply did not come is *not* resent: the ``RedisConnectionError`` says it may have
