@@ -7,10 +7,13 @@ keep-alive connection of ``iokit.http.client``, on the server's own backend, wit
 
 Two modes, the seed's two kinds of asynchrony side by side:
 
-* ``sync``: a chunk is committed locally, then shipped to every replica, and the 204 leaves only once every replica
-  answered 204 (each replica's own ``--durability`` decides what its 204 means). A replica that is down, or slower than
-  ``--replica-timeout``, makes the primary take the chunk back (the upload is cut back to where the request found it)
-  and answer 503 with ``Retry-After``: never an acknowledgement it cannot keep. HEAD answers 423 while a chunk is being
+* ``sync``: a chunk is shipped to every replica while it is committed locally (from the pieces received, for a chunk
+  of known size up to ``store.MAX_HELD_CHUNK_BYTES``; a larger one after, read back from the data file), and the 204
+  leaves only once the local commit is done and every replica answered 204 (each replica's own ``--durability``
+  decides what its 204 means). A replica that is down, or slower than ``--replica-timeout``, makes the primary take
+  the chunk back (the upload is cut back to where the request found it) and answer 503 with ``Retry-After``: never an
+  acknowledgement it cannot keep; a local commit that fails after the replicas took the chunk makes their copy
+  untrusted (``took_back``: the next shipment asks where they stand, and rewinds them). HEAD answers 423 while a chunk is being
   confirmed, so no offset is shown before the replicas have it. A creation, too, is on every replica before its 201.
 * ``async``: the 204 leaves once the chunk is kept locally; a sender task per replica ships chunks in the order they
   were accepted. What it has not shipped yet is its *backlog*, bounded by ``max_backlog_bytes``: past it, a PATCH waits
@@ -121,12 +124,15 @@ class ReplicaLink:
 
     # -- bringing one upload up to date ------------------------------------------------------------------------------
 
-    async def bring_up_to(self, upload: Upload, end: int) -> None:
-        """Make the replica hold ``upload``'s bytes ``[0, end)``, as the primary has them. Raises ``ReplicaFailed``."""
+    async def bring_up_to(self, upload: Upload, end: int, fresh: "_Fresh | None" = None) -> None:
+        """Make the replica hold ``upload``'s bytes ``[0, end)``, as the primary has them. Raises ``ReplicaFailed``.
+
+        ``fresh`` holds the chunk being committed (sync mode): its bytes, not accepted yet, are sent from memory; the
+        bytes before it come from the store."""
         async with self.exchange_lock:
             for attempt in (1, 2):  # a keep-alive connection the replica closed (a restart) fails once: try anew
                 try:
-                    await self._ship(upload, end)
+                    await self._ship(upload, end, fresh)
                     self.up, self.last_error = True, None
                     return
                 except (HttpClientError, ReplicaFailed, OSError) as error:
@@ -139,7 +145,7 @@ class ReplicaLink:
                     self.in_step.discard(upload.id)  # cancelled half-way: what the replica has is unknown
                     raise
 
-    async def _ship(self, upload: Upload, end: int) -> None:
+    async def _ship(self, upload: Upload, end: int, fresh: "_Fresh | None" = None) -> None:
         offset = self.confirmed.get(upload.id, 0)
         rewind = False
         if upload.id not in self.in_step:
@@ -157,7 +163,8 @@ class ReplicaLink:
             if rewind:
                 headers.append((REWIND_HEADER, "1"))
             response = await self.connection.request("PATCH", upload_path(upload.id), headers,
-                                                     self._pieces(upload, offset, size), content_length=size)
+                                                     self._pieces(upload, offset, size, fresh),
+                                                     content_length=size)
             if response.status != 204:
                 raise ReplicaFailed(f"PATCH at {offset}: {response.status} {response.body[:200]!r}")
             offset += size
@@ -165,13 +172,18 @@ class ReplicaLink:
             self.shipped_bytes += size
             rewind = False
 
-    async def _pieces(self, upload: Upload, offset: int, size: int):
-        done = 0
-        while done < size:
-            piece = min(READ_PIECE_BYTES, size - done)
-            for part in await self.store.read_accepted(upload, offset + done, piece):
+    async def _pieces(self, upload: Upload, offset: int, size: int, fresh: "_Fresh | None"):
+        end = offset + size
+        from_store_end = end if fresh is None else max(offset, min(fresh.start, end))
+        done = offset
+        while done < from_store_end:
+            piece = min(READ_PIECE_BYTES, from_store_end - done)
+            for part in await self.store.read_accepted(upload, done, piece):
                 yield part  # async durability's buffered pieces as received: sent by reference, no copy
             done += piece
+        if from_store_end < end:
+            for part in fresh.between(from_store_end, end):
+                yield part
 
     async def _find_or_create(self, upload: Upload) -> tuple[int, bool]:
         """Return the replica's offset of ``upload`` and whether it was created there just now (it did not know it)."""
@@ -305,6 +317,28 @@ async def _watch_for_restarts(link: ReplicaLink) -> None:
         await link.replica_restarted()
 
 
+@dataclasses.dataclass
+class _Fresh:
+    """The bytes ``[start, ...)`` of a chunk still being committed, as the pieces received (sync mode)."""
+
+    start: int
+    pieces: list[bytes]
+
+    def between(self, low: int, high: int):
+        """Yield the bytes ``[low, high)`` (within the chunk): whole pieces as they are, views of the cut ones."""
+        position = self.start
+        for piece in self.pieces:
+            piece_end = position + len(piece)
+            if piece_end > low and position < high:
+                if low <= position and piece_end <= high:
+                    yield piece
+                else:
+                    yield memoryview(piece)[max(low, position) - position:min(high, piece_end) - position]
+            position = piece_end
+            if position >= high:
+                return
+
+
 def _leading_run(backlog, upload: Upload):
     for entry in backlog:
         if entry.upload is not upload or entry.delete:
@@ -356,19 +390,25 @@ class Replication:
             for link in self.links:
                 link.enqueue(upload, upload.offset, 0)
 
-    async def after_commit(self, upload: Upload, start: int, end: int) -> None:
-        """A chunk was kept (``UploadStore.patch``'s hook): sync, on every replica or 503; async, queued."""
+    async def replicate(self, upload: Upload, start: int, end: int, pieces: list[bytes] | None) -> None:
+        """A chunk is kept (``store.Replicator``): sync, on every replica or 503 (``pieces``: the chunk, sent while
+        the store commits it); async, queued."""
         if self.mode is ReplicationMode.SYNC:
+            fresh = None if pieces is None else _Fresh(start, pieces)
             try:
-                await self._on_every_replica(lambda link: link.bring_up_to(upload, end),
+                await self._on_every_replica(lambda link: link.bring_up_to(upload, end, fresh),
                                              f"bytes {start}..{end} of {upload.id}")
             except HttpError:  # the store takes the chunk back: so must every replica that did take it
-                for link in self.links:
-                    link.took_back(upload.id, start)
+                self.took_back(upload, start)
                 raise
         else:
             for link in self.links:
                 link.enqueue(upload, end, end - start)
+
+    def took_back(self, upload: Upload, start: int) -> None:
+        """The store cut ``upload`` back to ``start``: on every replica, what lies past it is not ours any more."""
+        for link in self.links:
+            link.took_back(upload.id, start)
 
     async def deleted(self, upload: Upload) -> None:
         if self.mode is ReplicationMode.SYNC:

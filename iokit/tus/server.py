@@ -109,10 +109,7 @@ class UploadHandlers:
         replication = self.replication
         if replication is not None:
             await replication.wait_for_room()  # async mode's backpressure, before any byte is read
-        async with self.store.patch(upload, offset, request.head.content_length, checksum,
-                                    after_commit=None if replication is None else replication.after_commit,
-                                    hold_until_confirmed=replication is not None
-                                    and replication.confirms_before_accepting) as chunk:
+        async with self.store.patch(upload, offset, request.head.content_length, checksum, replication) as chunk:
             async for piece in request.body():
                 await chunk.write(piece)
             await chunk.complete()

@@ -416,18 +416,16 @@ class UploadStore:
     # -- writing -----------------------------------------------------------------------------------------------------
 
     def patch(self, upload: Upload, offset: int, declared_length: int | None, checksum: Checksum | None,
-              after_commit: "AfterCommit | None" = None, hold_until_confirmed: bool = False) -> "Chunk":
+              replicator: "Replicator | None" = None) -> "Chunk":
         """Return the ``Chunk`` (an async context manager) that takes one PATCH's bytes into ``upload``.
 
         Entering it raises 403 for a final upload, 423 if another request is writing, 409 if ``offset`` is not the
         upload's offset, 413 if ``declared_length`` runs past the upload's length, 507 if the disk cannot hold it.
 
-        ``after_commit`` (replication) is awaited with ``(upload, start, end)`` once the chunk is kept, the upload still
-        held and HEAD answering 423: if it raises, the chunk is taken back (``rewind``) and the error goes to the
-        client. With ``hold_until_confirmed`` the chunk is written in place (not through async mode's buffer), so that
-        no byte of it counts in the offset before ``after_commit`` has returned.
+        ``replicator`` (replication, see ``Replicator``) is given every chunk that is kept, the upload still held and
+        HEAD answering 423: if it raises, the chunk is taken back (``rewind``) and the error goes to the client.
         """
-        return Chunk(self, upload, offset, declared_length, checksum, after_commit, hold_until_confirmed)
+        return Chunk(self, upload, offset, declared_length, checksum, replicator)
 
     async def rewind(self, upload: Upload, offset: int) -> None:
         """Cut ``upload`` back to ``offset`` bytes, durably (a replica, on its primary's word: the primary took back a
@@ -614,10 +612,27 @@ def _contiguous_runs(entries: list[tuple[int, bytes]]) -> list[tuple[int, list[b
     return runs
 
 
-class AfterCommit(Protocol):
-    """What ``UploadStore.patch`` calls once a chunk is kept: ``await after_commit(upload, start, end)``."""
+MAX_HELD_CHUNK_BYTES = 4 * 1024 * 1024
+"""A chunk replicated before it is accepted is kept in memory up to this size (as the pieces received, no copy), so
+that it is shipped while it is made durable here; a larger one is shipped after, read back from the data file."""
 
-    async def __call__(self, upload: Upload, start: int, end: int) -> None: ...
+
+class Replicator(Protocol):
+    """What ``UploadStore.patch`` gives each kept chunk to (``replication.Replication``).
+
+    With ``confirms_before_accepting`` (sync replication) no byte of a chunk may count in the offset before
+    ``replicate`` returned: the chunk is written in place, not through async mode's buffer, and a chunk of known size
+    up to ``MAX_HELD_CHUNK_BYTES`` is handed over *while* it is synced here (``pieces``: what was received of
+    ``[start, end)``, the offset still at ``start``), so that the local fdatasync and the replicas' overlap. Otherwise
+    ``replicate`` is called once the chunk is kept (``pieces`` is ``None``: the bytes are accepted, the store has
+    them). ``took_back`` says that a chunk handed over was not kept here after all (the local commit failed), so what
+    the replicas took of it is not ours."""
+
+    confirms_before_accepting: bool
+
+    async def replicate(self, upload: Upload, start: int, end: int, pieces: list[bytes] | None) -> None: ...
+
+    def took_back(self, upload: Upload, start: int) -> None: ...
 
 
 class FilePieces:
@@ -654,19 +669,22 @@ class Chunk:
     """
 
     def __init__(self, store: UploadStore, upload: Upload, offset: int, declared_length: int | None,
-                 checksum: Checksum | None, after_commit: "AfterCommit | None" = None,
-                 hold_until_confirmed: bool = False):
+                 checksum: Checksum | None, replicator: Replicator | None = None):
         self.store = store
         self.upload = upload
         self.start = offset
         self.declared_length = declared_length
         self.checksum = checksum
         self.received = 0
-        self.after_commit = after_commit
+        self.replicator = replicator
+        confirms = replicator is not None and replicator.confirms_before_accepting
+        # The whole chunk's pieces, kept to replicate it while it is committed (see Replicator).
+        self._held: list[bytes] | None = [] if confirms and declared_length is not None \
+            and declared_length <= MAX_HELD_CHUNK_BYTES else None
         self._hasher = checksum.new_hasher() if checksum is not None else None
         # Bytes that may still be refused once the body is in must not reach the flusher: write them in place.
         self._in_place = (store.durability is Durability.SYNC or checksum is not None or declared_length is None
-                          or hold_until_confirmed)
+                          or confirms)
         self._unwritten: list[bytes] = []  # in place: pieces received, not yet written (one gathered write per MiB)
         self._unwritten_bytes = 0
         self._settled = False
@@ -710,6 +728,8 @@ class Chunk:
         self.received += len(piece)
         if self._hasher is not None:
             self._hasher.update(piece)
+        if self._held is not None:
+            self._held.append(piece)
         if self._in_place:
             self._unwritten.append(piece)
             self._unwritten_bytes += len(piece)
@@ -744,15 +764,48 @@ class Chunk:
         # ~20 ms after a client died mid-PATCH in sync mode, then the real one. It answers 423 meanwhile (as tusd).
         self.upload.committing = True
         try:
-            await self._commit()
-            if self.after_commit is not None and self.upload.offset > self.start:
-                try:
-                    await self.after_commit(self.upload, self.start, self.upload.offset)
-                except BaseException:
-                    await self.store._rewind_claimed(self.upload, self.start)
-                    raise
+            if self.replicator is None:
+                await self._commit()
+            elif self._held is not None and self.received:
+                await self._commit_while_replicating()
+            else:
+                await self._commit()
+                if self.upload.offset > self.start:
+                    await self._replicate(self.upload.offset, None)
         finally:
             self.upload.committing = False
+
+    async def _replicate(self, end: int, pieces: list[bytes] | None) -> None:
+        """Hand the kept chunk to the replicator; if it fails, take the chunk back (durably) and raise."""
+        try:
+            await self.replicator.replicate(self.upload, self.start, end, pieces)
+        except BaseException:
+            await self.store._rewind_claimed(self.upload, self.start)
+            raise
+
+    async def _commit_while_replicating(self) -> None:
+        """Sync replication: ship the chunk from memory while it is made durable here; the 204 waits for both."""
+        end = self.start + self.received
+        shipped: list[BaseException | None] = []
+
+        async def ship() -> None:
+            try:
+                await self.replicator.replicate(self.upload, self.start, end, self._held)
+            except BaseException as error:  # judged once the local commit is known, below
+                shipped.append(error)
+            else:
+                shipped.append(None)
+
+        try:
+            async with iokit.TaskGroup() as tasks:
+                tasks.spawn(ship, name="replicate-chunk")
+                await self._commit()
+        except BaseException:
+            self.replicator.took_back(self.upload, self.start)  # not kept here: what the replicas took is not ours
+            raise
+        if shipped[0] is not None:
+            await self.store._rewind_claimed(self.upload, self.start)
+            raise shipped[0]
 
     async def _commit(self) -> None:
         self._settled = True
