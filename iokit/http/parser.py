@@ -104,6 +104,14 @@ class RequestParser:
 
     def feed(self, data: bytes) -> None:
         """Parse ``data`` (the next bytes of the connection); the events it completes queue up for ``next_event()``."""
+        if data and self._state is _State.BETWEEN_MESSAGES and not self._fine and \
+                self._whole_head_end(data, 0) == len(data):
+            # One whole head and nothing after it: the commonest read of all, one piece (see _feed_part).
+            self._request_line = None
+            taken = self._feed_piece(data)
+            if taken < len(data):
+                self._feed_part(data[taken:])  # after an upgrade request: HTTP again
+            return
         self._feed_part(data)
 
     def _feed_part(self, data: bytes) -> None:
@@ -153,7 +161,8 @@ class RequestParser:
         blank = data.find(b"\n\r\n", line_end)
         if blank < 0 or blank + 3 > start + self._head_bound():
             return 0
-        if not data[start:line_end].rstrip(b"\r").rpartition(b" ")[2].startswith(b"HTTP/"):
+        if not (line_end - 10 >= start and data.startswith(b" HTTP/", line_end - 10)) and \
+                not data[start:line_end].rstrip(b"\r").rpartition(b" ")[2].startswith(b"HTTP/"):
             return 0
         return blank + 3
 

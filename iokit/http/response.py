@@ -95,17 +95,31 @@ def frame_response(response: Response, *, request_method: str, request_version: 
     when the body must run until close), and ``Connection: keep-alive`` to an HTTP/1.0 client that keeps it.
     Raises ``ValueError`` for a handler's ``Content-Length`` that is not a number or disagrees with a ``bytes`` body.
     """
+    body = response.body
+    key = None
+    if body.__class__ is bytes:
+        # A server answers the same few shapes over and over: the head but for its Date line is remembered per
+        # status, handler fields, body size, keep-alive, version and HEAD (what decides it), and only so many.
+        key = (response.status, tuple(response.headers), len(body), keep_alive, request_version,
+               request_method == "HEAD")
+        try:
+            known = _known_heads.get(key)
+        except TypeError:  # a field that is not a hashable pair: framed every time
+            known, key = None, None
+        if known is not None:
+            status_line, fields, framing, content_length, close = known
+            return FramedHead(b"".join((status_line, _date_and_server(), fields)), framing, content_length, close)
     fields, declared_length, keep_alive = _handler_fields(response, keep_alive)
-    streamed = not isinstance(response.body, (bytes, bytearray, memoryview))
+    streamed = not isinstance(body, (bytes, bytearray, memoryview))
     content_length = None
 
     if not status_has_body(response.status):
         framing = BodyFraming.NONE
     else:
         if not streamed:
-            if declared_length is not None and declared_length != len(response.body) and request_method != "HEAD":
-                raise ValueError(f"Content-Length {declared_length} for a body of {len(response.body)} bytes")
-            content_length = len(response.body) if declared_length is None else declared_length
+            if declared_length is not None and declared_length != len(body) and request_method != "HEAD":
+                raise ValueError(f"Content-Length {declared_length} for a body of {len(body)} bytes")
+            content_length = len(body) if declared_length is None else declared_length
         else:
             content_length = declared_length
         if content_length is not None:
@@ -124,7 +138,16 @@ def frame_response(response: Response, *, request_method: str, request_version: 
         fields.append(("Connection", "close"))
     elif request_version == "1.0":
         fields.append(("Connection", "keep-alive"))
-    return FramedHead(_encode_head(response.status, fields), framing, content_length, not keep_alive)
+    status_line, encoded = _status_line(response.status), _encode_fields(fields)
+    if key is not None:
+        if len(_known_heads) >= _MAX_KNOWN_HEADS:
+            _known_heads.clear()
+        _known_heads[key] = (status_line, encoded, framing, content_length, not keep_alive)
+    return FramedHead(b"".join((status_line, _date_and_server(), encoded)), framing, content_length, not keep_alive)
+
+
+_MAX_KNOWN_HEADS = 256
+_known_heads: dict[tuple, tuple] = {}
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -152,13 +175,14 @@ def _handler_fields(response: Response, keep_alive: bool) -> tuple[list[tuple[st
     return fields, declared_length, keep_alive
 
 
-def _encode_head(status: int, fields: list[tuple[str, str]]) -> bytes:
+def _encode_fields(fields: list[tuple[str, str]]) -> bytes:
+    """Return the header lines after Date and Server, and the blank line that ends the head."""
     text = "".join([f"{name}: {value}\r\n" for name, value in fields])
     if text.count("\n") != len(fields) or text.count("\r") != len(fields):
         # A handler echoing client text into a header must not be able to split the response.
         name = next(name for name, value in fields if "\r" in name + value or "\n" in name + value)
         raise ValueError(f"header {name!r} contains a line break")
-    return b"".join((_status_line(status), _date_and_server(), text.encode("latin-1"), b"\r\n"))
+    return text.encode("latin-1") + b"\r\n"
 
 
 _status_lines: dict[int, bytes] = {}
