@@ -2,7 +2,7 @@
 writes with an fsync after every write and after every 32. Each on every backend, next to fio (psync and io_uring
 engines) and, for warm reads, a raw ``os.pread`` loop.
 
-The batched read rows (params ``ops=batched``, queue depths ``BATCH_QUEUE_DEPTHS``) keep that many reads in flight as
+The batched read rows (``file-randread-batched``, queue depths ``BATCH_QUEUE_DEPTHS``) keep that many reads in flight as
 ``ops.read_batch`` ops: one op per batch, so Python's cost is paid per batch, not per read. Warm, one batch of all of
 them (a page-cache read is a copy: what counts is the cost per call); O_DIRECT, four batches of a quarter each, so that
 the device's queue never drains while the slowest read of a lone batch finishes (``batch_size``). Their references are
@@ -32,9 +32,11 @@ from .processes import Usage, pinned_to, python_child_environment, python_module
 from .results import RunSample, summarize
 
 NAME = "file"
-WORKLOADS = ("file-randread", "file-write")
+WORKLOADS = ("file-randread", "file-randread-batched", "file-write")
+READ_WORKLOADS = ("file-randread", "file-randread-batched")
 # The references each row is compared with in the table (when measured).
-RATIO_REFERENCES = {"file-randread": ("ref:fio-io_uring", "ref:pread"), "file-write": ("ref:fio-psync",)}
+RATIO_REFERENCES = {"file-randread": ("ref:fio-io_uring", "ref:pread"),
+                    "file-randread-batched": ("ref:fio-io_uring", "ref:pread"), "file-write": ("ref:fio-psync",)}
 CHUNK = 1 << 20
 BATCH_QUEUE_DEPTHS = (1, 8, 32, 128)
 
@@ -43,8 +45,7 @@ def configurations(run: BenchRun) -> list[tuple[str, dict]]:
     settings = run.settings
     reads = [("file-randread", {"cache": cache, "queue_depth": depth})
              for cache in ("warm", "direct") for depth in settings.queue_depths]
-    reads += [("file-randread", {"cache": cache, "queue_depth": depth, "ops": "batched",
-                                 "batch": batch_size(cache, depth)})
+    reads += [("file-randread-batched", {"cache": cache, "queue_depth": depth, "batch": batch_size(cache, depth)})
               for cache in ("warm", "direct") for depth in BATCH_QUEUE_DEPTHS]
     writes = [("file-write", {"fsync_every": every}) for every in settings.fsync_every]
     return [(workload, params) for workload, params in reads + writes if run.wants_workload(workload)]
@@ -58,8 +59,8 @@ def batch_size(cache: str, queue_depth: int) -> int:
 def engines_for(run: BenchRun, workload: str, params: dict) -> list[str]:
     """Our backends, then the references that make sense for this configuration."""
     references = []
-    if workload == "file-randread":
-        batched = params.get("ops") == "batched"
+    if workload in READ_WORKLOADS:
+        batched = workload == "file-randread-batched"
         if params["cache"] == "warm" and (params["queue_depth"] == 1 or batched):
             references.append("pread")       # a batched row's target is a ratio to it
         if params["queue_depth"] == 1 and not batched:
@@ -139,7 +140,7 @@ def _fio_samples(run: BenchRun, engine: str, workload: str, params: dict, path: 
     settings = run.settings
     samples = []
     for index in range(settings.runs):
-        command = fio_command(fio, path=path, kind="randread" if workload == "file-randread" else "write",
+        command = fio_command(fio, path=path, kind="randread" if workload in READ_WORKLOADS else "write",
                               engine=engine, queue_depth=1 if workload == "file-write" else params["queue_depth"],
                               direct=params.get("cache") == "direct", fsync_every=params.get("fsync_every", 0),
                               size_bytes=size, runtime_s=settings.run_s,
@@ -166,13 +167,13 @@ def run(run: BenchRun) -> None:
                 continue
             try:
                 if engine.startswith("ref:fio-"):
-                    path, size = (read_path, read_size) if workload == "file-randread" else (write_path, 256 << 20)
+                    path, size = (read_path, read_size) if workload in READ_WORKLOADS else (write_path, 256 << 20)
                     samples = _fio_samples(run, engine[len("ref:fio-"):], workload, params, path, size)
-                elif workload == "file-randread":
+                elif workload in READ_WORKLOADS:
                     samples = _worker_samples(run, {"engine": engine, "kind": "randread", "path": str(read_path),
                                                     "direct": params["cache"] == "direct",
                                                     "queue_depth": params["queue_depth"],
-                                                    "batched": params.get("ops") == "batched",
+                                                    "batched": workload == "file-randread-batched",
                                                     "batch": params.get("batch")})
                 else:
                     samples = _worker_samples(run, {"engine": engine, "kind": "write", "path": str(write_path),
@@ -181,6 +182,6 @@ def run(run: BenchRun) -> None:
                 run.skip(workload, engine, str(exc), params)
                 continue
             run.record(summarize(workload, engine, params, samples,
-                                 extra={"file_mib": settings.file_size_mib if workload == "file-randread" else None}))
+                                 extra={"file_mib": settings.file_size_mib if workload in READ_WORKLOADS else None}))
     write_path.unlink(missing_ok=True)
 
