@@ -15,11 +15,10 @@ Unix sockets, the ``sock_*`` methods and ``add_reader``/``add_writer``. What we 
   itself watched by one POLL op through the backend. When that op completes, the set is polled without blocking;
   otherwise a turn costs no extra syscall.
 * **A flush that calls back.** The engine's turn flushes first (sends what protocols wrote, delivers what waited for
-  ``resume_reading``, closes what was closed), then waits. A callback run by that flush (``data_received``,
-  ``resume_writing``, ``connection_lost``) may schedule asyncio work the wait knows nothing about, and a blocking wait
-  would then sleep on it (a ``StreamReader`` resumed, read, and waiting forever for its own wake-up). When a flush
-  may call back (a transport was resumed, closed or half-closed since the last turn, or one is paused for writing),
-  the selector first turns without blocking, and blocks only if asyncio still has nothing to run.
+  ``resume_reading``, closes what was closed), then waits. What a callback of that flush schedules must not wait
+  for the wait's deadline: the engine's turn does not block after the protocol methods its flush called, but a
+  close finished there calls ``connection_lost`` outside that count. So after a ``close()``/``abort()`` of an engine
+  transport the selector first turns without blocking, and blocks only if asyncio still has nothing to run.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ class BackendSelector(selectors.EpollSelector):
         self.engine = backend.attach_engine(_EngineHost())
         self._watch = None  # the POLL op on our epoll fd, while it is in flight
         self.asyncio_ready: collections.deque = collections.deque()  # the loop's ready queue (set by the loop)
-        self.writers_paused = 0  # engine transports between pause_writing() and resume_writing()
         self._flush_calls_back = False
         self._wait = self._engine_wait(backend) if self.engine is not None else backend.wait
 
@@ -101,7 +99,7 @@ class BackendSelector(selectors.EpollSelector):
         if watch is None and self._fd_to_key:
             watch = self._watch = ops.poll(self._selector.fileno(), select.POLLIN)
             self.backend.submit(watch)
-        if timeout != 0 and (self._flush_calls_back or self.writers_paused):
+        if timeout != 0 and self._flush_calls_back:
             self._flush_calls_back = False
             self._wait(0)
             if not self.asyncio_ready and (watch is None or watch.state is not _DONE):

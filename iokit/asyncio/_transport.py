@@ -25,8 +25,8 @@ from asyncio import base_events, constants, futures, protocols, transports
 
 _STREAM_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6, socket.AF_UNIX})
 # The C transport's methods a protocol may call per message: bound onto the Python transport's instance.
-_C_METHODS = ("write", "writelines", "can_write_eof", "is_closing", "pause_reading", "is_reading",
-              "get_write_buffer_size", "get_write_buffer_limits", "set_write_buffer_limits")
+_C_METHODS = ("write", "writelines", "write_eof", "can_write_eof", "is_closing", "pause_reading", "resume_reading",
+              "is_reading", "get_write_buffer_size", "get_write_buffer_limits", "set_write_buffer_limits")
 
 
 def engine_can_drive(sock: socket.socket) -> bool:
@@ -117,16 +117,9 @@ class EngineTransport(transports._FlowControlMixin):  # the mixin: what loop.sen
 
     # --- what is not per message --------------------------------------------------------------------------------
 
-    # These four make the engine's next flush call back into Python (deliver what waited, resume_writing, close the
-    # fd and so connection_lost): the loop's next wait must not block before asyncio has run what that schedules.
-    def resume_reading(self) -> None:
-        self._loop._selector.flush_calls_back()
-        self._ctransport.resume_reading()
-
-    def write_eof(self) -> None:
-        self._loop._selector.flush_calls_back()
-        self._ctransport.write_eof()
-
+    # A close (or abort) that must wait for the engine may finish in its next flush, which then calls
+    # connection_lost: the loop's next wait must not block before asyncio has run what that schedules. (The engine's
+    # turn does not block after the protocol callbacks of its flush, but connection_lost is not yet counted there.)
     def close(self) -> None:
         if self._ctransport is not None:
             self._loop._selector.flush_calls_back()
@@ -171,13 +164,11 @@ class _Relay:
     def pause_writing(self) -> None:
         transport = self.transport
         transport._protocol_paused = True
-        transport._loop._selector.writers_paused += 1  # a flush may now call resume_writing
         transport._protocol.pause_writing()
 
     def resume_writing(self) -> None:
         transport = self.transport
         transport._protocol_paused = False
-        transport._loop._selector.writers_paused -= 1
         transport._protocol.resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -186,9 +177,6 @@ class _Relay:
         transport._lost = True
         transport._socket._lost()
         loop = transport._loop
-        if transport._protocol_paused:
-            transport._protocol_paused = False
-            loop._selector.writers_paused -= 1
         if loop.is_closed():  # the loop's close() ended the engine, and with it this connection
             transport._connection_lost(exc)
         else:
