@@ -994,11 +994,18 @@ static int fill_iov(Conn *c)
  * empty queue. Runs Python. */
 static void after_send_progress(Loop *L, Conn *c);
 static PyObject *protocol_call_method(Loop *L, Conn *c, PyObject *method, PyObject *arg);
+static void protocol_fail(Loop *L, Conn *c, int err);
 
+/* A send failed (or memory ran out): the connection is broken. Its tasks get the error; a protocol connection is
+ * aborted, and connection_lost() gets the error (asyncio's transports do the same), or its writes would vanish. */
 static void fail_conn(Loop *L, Conn *c, int err)
 {
 	Trap *reader = c->reader, *writer = c->writer;
 
+	if (c->protocol) {
+		protocol_fail(L, c, err);
+		return;
+	}
 	if (!c->error)
 		c->error = err;
 	segments_drop(c);
@@ -1112,7 +1119,10 @@ static int ready_to_close(Loop *L, Conn *c)
 	if (c->unsent && !c->error && !c->send_broken)
 		return 0;
 	if (L->mode == MODE_URING && (c->send_in_flight || c->recv_armed || c->accept_in_flight)) {
-		if ((c->recv_armed && !c->recv_cancel_sent) || (c->accept_in_flight && !c->accept_cancel_sent)) {
+		/* A send the queue was dropped under (abort, a cut stream) may wait in the kernel for a peer that never
+		 * reads: it is cancelled too, and the fd closes at its CQE. */
+		if ((c->recv_armed && !c->recv_cancel_sent) || (c->accept_in_flight && !c->accept_cancel_sent) ||
+		    (c->send_in_flight && !c->send_cancel_sent && c->send_broken)) {
 			c->want_cancel = 1;
 			mark_dirty(L, c);
 		}
@@ -1888,7 +1898,6 @@ static void uring_completion(void *engine, const struct io_uring_cqe *cqe)
 /* --- protocols --------------------------------------------------------------------------------------------------- */
 
 static void protocol_abort(Loop *L, Conn *c);
-static void protocol_fail(Loop *L, Conn *c, int err);
 
 /* Call a protocol method (NULL: the protocol has none) as the Conn's owner task. An exception it raises is reported
  * (sys.unraisablehook) and ends the connection: connection_lost() gets it, as asyncio does. Returns the result. */
@@ -1983,6 +1992,7 @@ static void protocol_closed(Loop *L, Conn *c)
 	conn_retire(L, c);
 	protocol_release(c);
 	previous = set_current(owner);
+	L->callbacks++;
 	if (lost) {
 		r = PyObject_CallOneArg(lost, error ? error : Py_None);
 		if (!r)
@@ -2012,11 +2022,21 @@ static void protocol_closed(Loop *L, Conn *c)
 static void protocol_epoll_read(Loop *L, Conn *c, int short_read_ends)
 {
 	while (!c->dead && !c->closing && !c->reading_paused) {
-		ssize_t n = recv(c->fd, L->scratch, SCRATCH_BYTES, 0);
+		int one_byte = fault_roll(L, L->faults.short_transfer);
+		ssize_t n;
 
+		if (fault_roll(L, L->faults.eagain)) {
+			/* As if the socket had been empty: the edge is spent, so the flush must read again (want_read). */
+			L->faults.eagains++;
+			c->want_read = 1;
+			mark_dirty(L, c);
+			return;
+		}
+		L->faults.shorts += one_byte;
+		n = recv(c->fd, L->scratch, one_byte ? 1 : SCRATCH_BYTES, 0);
 		if (n > 0) {
 			protocol_data(L, c, PyBytes_FromStringAndSize(L->scratch, n));
-			if (short_read_ends && n < SCRATCH_BYTES)
+			if (short_read_ends && n < SCRATCH_BYTES && !one_byte)
 				return;
 			continue;
 		}
@@ -2043,18 +2063,36 @@ static void protocol_uring_recv(Loop *L, Conn *c, const struct io_uring_cqe *cqe
 		const char *data = L->ring->buffers + (size_t)id * L->ring->buffer_size;
 		PyObject *bytes = NULL;
 
-		/* Bytes that come after pause_reading() (the kernel had them before our cancel) wait for resume_reading. */
-		if (!c->closing && c->reading_paused) {
+		/* Bytes that come after pause_reading() (the kernel had them before our cancel) wait for resume_reading;
+		 * bytes behind some that wait (an injected EAGAIN held them back) wait behind them, for the flush. */
+		int held = !c->closing && (c->reading_paused || c->rq_len || fault_roll(L, L->faults.eagain));
+
+		if (held) {
+			L->faults.eagains += !c->reading_paused && !c->rq_len;
 			if (rq_append(c, data, res) < 0)
 				c->error = ENOMEM;
+			if (!c->reading_paused) {
+				c->want_read = 1;
+				mark_dirty(L, c);
+			}
+		} else if (!c->closing && res > 1 && fault_roll(L, L->faults.short_transfer)) {
+			L->faults.shorts++; /* the chunk in two calls: one byte, then the rest */
+			if (!(bytes = PyBytes_FromStringAndSize(data, 1)) || rq_append(c, data + 1, res - 1) < 0)
+				c->error = ENOMEM;
+			c->want_read = 1;
+			mark_dirty(L, c);
 		} else if (!c->closing) {
 			bytes = PyBytes_FromStringAndSize(data, res);
 		}
 		iokit_ring_return_buffer(L->ring, id); /* copied out: the kernel may have it back before Python runs */
-		if (bytes || (!c->closing && !c->reading_paused))
+		if (bytes || (!c->closing && !held))
 			protocol_data(L, c, bytes);
 	} else if (res == 0) {
-		protocol_eof(L, c);
+		/* The end comes after the bytes that wait (paused, or held back): resume_input reports it after them. */
+		if (c->rq_len || c->reading_paused)
+			c->eof = 1;
+		else
+			protocol_eof(L, c);
 	} else if (res != -ENOBUFS && res != -ECANCELED) {
 		protocol_fail(L, c, -res);
 	}

@@ -6,6 +6,9 @@ Real sockets on 127.0.0.1; the peer is a plain iokit stream, so each test reads 
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 import sys
 
 import pytest
@@ -186,6 +189,51 @@ def test_what_resume_reading_delivers_wakes_a_waiting_task_at_once(run):
     waited = run(served, protocol, body)
     assert bytes(protocol.received) == b"held back"
     assert waited < 2.5, f"the woken task waited {waited:.1f} s for a turn"
+
+
+def test_writes_to_a_peer_that_reset_end_in_connection_lost_with_the_error(run):
+    """The peer resets; the protocol goes on writing. Once the kernel refuses a send the connection is lost, and
+    connection_lost gets the OSError (asyncio's transports do the same): writes never vanish silently."""
+    protocol = Recorder(echo=False)
+
+    async def body(client):
+        while protocol.transport is None:
+            await iokit.sleep(0.01)
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.socket.close()  # RST
+        with move_on_after(10):
+            while not protocol.lost.is_set():
+                protocol.transport.write(b"w" * 65536)
+                await iokit.sleep(0.01)
+
+    with contextlib.suppress(OSError):
+        run(served, protocol, body)
+    lost = [event for event in protocol.events if isinstance(event, tuple) and event[0] == "lost"]
+    assert len(lost) == 1, protocol.events
+    assert isinstance(lost[0][1], OSError), lost
+
+
+def test_abort_ends_a_connection_whose_send_waits_for_a_peer_that_never_reads(run):
+    """16 MiB queued to a peer that reads nothing, and reading paused (on uring no recv is then armed, whose cancel
+    would take the send's along): a send waits in the kernel for room. abort() must not wait for it:
+    connection_lost comes at once (the send is cancelled)."""
+    protocol = Recorder(echo=False)
+
+    async def body(client):
+        while protocol.transport is None:
+            await iokit.sleep(0.01)
+        protocol.transport.pause_reading()
+        await iokit.sleep(0.05)
+        for _ in range(256):
+            protocol.transport.write(b"a" * 65536)
+        await iokit.sleep(0.3)  # the kernel's buffers are full, a send waits
+        protocol.transport.abort()
+        with move_on_after(5):
+            await protocol.lost.wait()
+        return protocol.lost.is_set()
+
+    assert run(served, protocol, body)
+    assert [event for event in protocol.events if isinstance(event, tuple)] == [("lost", None)]
 
 
 def test_abort_drops_the_queue_and_ends_the_connection(run):
