@@ -25,6 +25,7 @@
 #define UD_PROBE TAG(4)
 #define UD_ENGINE TAG(5)        /* an engine request: the low 56 bits are the engine's own (fd, kind, generation) */
 #define UD_ENGINE_CANCEL TAG(6) /* the result of a cancel the engine asked for: nothing to do */
+#define UD_BATCH TAG(7)         /* a block of a batch: the low 56 bits are the address of its slot in the batch's record */
 #define UD_TAG(user_data) ((user_data) & ~IOKIT_MAX_ID)
 #define RECV_BUFFER_GROUP 0
 

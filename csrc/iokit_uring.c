@@ -35,9 +35,6 @@
 #include <unistd.h>
 
 #define NSEC_PER_SEC 1000000000LL
-/* A batch block's SQE: the low 56 bits are the address of its slot in the batch's record (see struct batch_record).
- * The tags of iokit_ring_internal.h are small numbers; this one stays far from them. */
-#define UD_BATCH TAG(0x70)
 #define NOT_SETTLED INT32_MIN
 #define FIXED_FILE_SLOTS 256
 #define SQPOLL_IDLE_MS 100
