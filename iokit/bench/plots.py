@@ -11,6 +11,8 @@ latencies too (they span from tens of microseconds to tens of milliseconds).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 from collections import defaultdict
@@ -35,7 +37,9 @@ STYLE = {
 
 
 def _style(backend: str) -> dict:
-    return STYLE.get(backend, dict(color="#bcbd22", marker=".", linestyle=":"))
+    name, batched = backend.removesuffix(" batched"), backend.endswith(" batched")
+    style = STYLE.get(name, dict(color="#bcbd22", marker=".", linestyle=":"))
+    return {**style, "linestyle": "--", "marker": "s"} if batched else style
 
 
 def _sorted_backends(names) -> list[str]:
@@ -110,7 +114,9 @@ def plot_echo(pyplot, results: list[Result], machine: dict, path: Path) -> None:
 
 
 def plot_file(pyplot, results: list[Result], machine: dict, path: Path) -> None:
-    reads = [r for r in results if r.workload == "file-randread"]
+    # Batched reads beside the single ops, as their own lines ("<backend> batched", in the backend's colour, dashed).
+    reads = [r for r in results if r.workload == "file-randread"] + [
+        dataclasses.replace(r, backend=f"{r.backend} batched") for r in results if r.workload == "file-randread-batched"]
     writes = [r for r in results if r.workload == "file-write"]
     caches = sorted({r.params["cache"] for r in reads}, key=lambda c: c != "warm")
     figure, grid = pyplot.subplots(1, len(caches) + (1 if writes else 0), figsize=(15, 5.8), squeeze=False)
@@ -202,8 +208,10 @@ def plot_upload(pyplot, results: list[Result], machine: dict, path: Path) -> Non
     width = 0.4
     for axes, chunk in zip(grid[0], chunks):
         for offset, durability in enumerate(("sync", "async")):
+            # One uploader, no replica: the 8-uploader and replication rows are other questions (their tables).
             rate = {r.backend: r.extra.get("mib_per_s", 0) for r in results
-                    if r.params["chunk_kib"] == chunk and r.params["durability"] == durability}
+                    if r.params["chunk_kib"] == chunk and r.params["durability"] == durability
+                    and "uploaders" not in r.params and "replication" not in r.params}
             bars = axes.bar([i + offset * width for i in range(len(backends))], [rate.get(b, 0) for b in backends],
                             width, color=[_style(b)["color"] for b in backends], edgecolor="white",
                             hatch="//" if durability == "sync" else None, label=durability)
@@ -255,7 +263,7 @@ def plot_updates(pyplot, results: list[Result], machine: dict, path: Path) -> No
 
 PLOTTERS = {
     "echo": (("echo",), plot_echo),
-    "file": (("file-randread", "file-write"), plot_file),
+    "file": (("file-randread", "file-randread-batched", "file-write"), plot_file),
     "http": (("http",), plot_http),
     "waiting": (("waiting-clients",), plot_waiting),
     "upload": (("upload",), plot_upload),

@@ -17,6 +17,8 @@ from .results import Report, Result
 
 TITLES = {
     "file-randread": "file: 4 KiB random reads (cache=warm: page cache; direct: O_DIRECT), qd = reads in flight",
+    "file-randread-batched": ("file: 4 KiB random reads as batched ops (read_batch: `batch` blocks an op, up to qd "
+                              "reads in flight); CPU us/op = per read"),
     "file-write": "file: sequential 4 KiB writes, fsync after every N (latency = until durable; fio's: per write)",
     "echo": "socket echo: C load generator on the other core; ops = messages echoed",
     "http": ("HTTP keep-alive requests against examples/http_server.py and the ref: servers (GET /; a browser-like "
