@@ -15,10 +15,8 @@ Unix sockets, the ``sock_*`` methods and ``add_reader``/``add_writer``. What we 
   itself watched by one POLL op through the backend. When that op completes, the set is polled without blocking;
   otherwise a turn costs no extra syscall.
 * **A flush that calls back.** The engine's turn flushes first (sends what protocols wrote, delivers what waited for
-  ``resume_reading``, closes what was closed), then waits. What a callback of that flush schedules must not wait
-  for the wait's deadline: the engine's turn does not block after the protocol methods its flush called, but a
-  close finished there calls ``connection_lost`` outside that count. So after a ``close()``/``abort()`` of an engine
-  transport the selector first turns without blocking, and blocks only if asyncio still has nothing to run.
+  ``resume_reading``, closes what was closed), then waits; when that flush called a protocol (``connection_lost``
+  included) the engine's wait does not block, so what the callback scheduled runs in this iteration.
 """
 
 from __future__ import annotations
@@ -62,8 +60,6 @@ class BackendSelector(selectors.EpollSelector):
         self.backend = backend
         self.engine = backend.attach_engine(_EngineHost())
         self._watch = None  # the POLL op on our epoll fd, while it is in flight
-        self.asyncio_ready: collections.deque = collections.deque()  # the loop's ready queue (set by the loop)
-        self._flush_calls_back = False
         self._wait = self._engine_wait(backend) if self.engine is not None else backend.wait
 
     def _engine_wait(self, backend: Backend):
@@ -90,22 +86,12 @@ class BackendSelector(selectors.EpollSelector):
                     backend.wait(0)
         return wait
 
-    def flush_calls_back(self) -> None:
-        """The engine's next flush will call a protocol (see the module docstring)."""
-        self._flush_calls_back = True
-
     def select(self, timeout: float | None = None):
         watch = self._watch
         if watch is None and self._fd_to_key:
             watch = self._watch = ops.poll(self._selector.fileno(), select.POLLIN)
             self.backend.submit(watch)
-        if timeout != 0 and self._flush_calls_back:
-            self._flush_calls_back = False
-            self._wait(0)
-            if not self.asyncio_ready and (watch is None or watch.state is not _DONE):
-                self._wait(timeout)
-        else:
-            self._wait(timeout)
+        self._wait(timeout)
         if watch is not None and watch.state is _DONE:
             self._watch = None
             return super().select(0)
@@ -145,7 +131,6 @@ class IokitEventLoop(unix_events.SelectorEventLoop):
         self._engine = selector.engine  # None on a uring kernel without provided buffers: asyncio's transports then
         self.backend_name = backend.name
         super().__init__(selector)
-        selector.asyncio_ready = self._ready
 
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
         if self._engine is None or not engine_can_drive(sock):

@@ -117,17 +117,14 @@ class EngineTransport(transports._FlowControlMixin):  # the mixin: what loop.sen
 
     # --- what is not per message --------------------------------------------------------------------------------
 
-    # A close (or abort) that must wait for the engine may finish in its next flush, which then calls
-    # connection_lost: the loop's next wait must not block before asyncio has run what that schedules. (The engine's
-    # turn does not block after the protocol callbacks of its flush, but connection_lost is not yet counted there.)
+    # A close (or abort) that must wait for the engine finishes in a later flush, which calls connection_lost; the
+    # engine's wait does not block after a flush that called a protocol, so what that schedules runs at once.
     def close(self) -> None:
         if self._ctransport is not None:
-            self._loop._selector.flush_calls_back()
             self._ctransport.close()
 
     def abort(self) -> None:
         if self._ctransport is not None:
-            self._loop._selector.flush_calls_back()
             self._ctransport.abort()
 
     def get_protocol(self):
