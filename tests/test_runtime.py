@@ -10,12 +10,15 @@ import os
 import signal
 import threading
 import time
+import types
 
 import pytest
 
 import iokit
 from iokit import (Cancelled, CancelScope, Event, Lock, Queue, TaskGroup, WouldBlock, fail_after, move_on_after, ops,
                    perform, sleep, sleep_forever)
+
+from conftest import require_backend
 
 LOCALHOST = "127.0.0.1"
 
@@ -610,6 +613,45 @@ def test_perform_in_a_cancelled_scope_raises_cancelled_without_submitting(run):
 def test_current_task_outside_run_raises():
     with pytest.raises(RuntimeError):
         iokit.current_task()
+
+
+@types.coroutine
+def _yield_as_is(thing):
+    return (yield thing)
+
+
+def test_awaiting_what_is_not_an_iokit_trap_raises_in_that_task_and_the_runtime_goes_on(run):
+    # What an awaitable of another event loop does (an asyncio Future yields itself): no driver knows what it is.
+    async def main():
+        with pytest.raises(RuntimeError, match="not an iokit trap"):
+            await _yield_as_is("a string")
+        await sleep(0.01)
+        return "went on"
+
+    assert run(main) == "went on"
+
+
+@pytest.mark.parametrize("backend_without_engine", ["blocking", "threads"])
+def test_a_stream_awaited_outside_the_runtime_whose_engine_made_it_fails_in_the_task(backend_without_engine):
+    # A listener made on epoll holds that runtime's engine, and its accept is an engine Trap, which no Python driver
+    # can run: the task gets a RuntimeError saying so (this used to end run() itself, with an AttributeError on
+    # threads and a TypeError on blocking).
+    require_backend("epoll")
+
+    async def make():
+        return await iokit.open_tcp_listener(LOCALHOST, 0)
+
+    async def main(listener):
+        with pytest.raises(RuntimeError, match="another runtime"):
+            await listener.accept()
+        await sleep(0.01)
+        return "went on"
+
+    listener = iokit.run(make, backend="epoll")
+    try:
+        assert iokit.run(main, listener, backend=backend_without_engine) == "went on"
+    finally:
+        listener.socket.close()
 
 
 # --- signals -----------------------------------------------------------------------------------------------------------

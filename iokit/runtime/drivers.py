@@ -13,8 +13,8 @@ A task suspends only through the traps of ``traps.py``, and every driver hands e
   eventfd, which interrupts either wait. Each thread enforces its own deadlines (the op's ``deadline`` is the task's
   nearest scope deadline).
 
-The trap handlers (``submit_op``, ``park``, ``checkpoint``, ``start_engine_trap``) return the ``(value, exception)``
-to resume the task with now, or None when the task waits to be rescheduled (only the loop driver's do that).
+The trap handlers (``submit_op``, ``park``, ``checkpoint``) return the ``(value, exception)`` to resume the task with
+now, or None when the task waits to be rescheduled (only the loop driver's do that).
 """
 
 from __future__ import annotations
@@ -99,16 +99,6 @@ class _Driver:
                 self.reschedule(waiter)
             if task.group is not None:
                 task.group._child_finished(task, error)
-
-    # --- the trap handlers both drivers share (traps.dispatch calls them) ---------------------------------------------
-
-    def start_engine_trap(self, task: Task, trap) -> tuple[Any, BaseException | None] | None:
-        """A socket trap of the engine that reached Python: the engine starts it (and runs the task on if it is done
-        at once). Only a loop driver over epoll or uring has an engine, and only streams there make these traps."""
-        if self.engine is None:
-            return None, RuntimeError(f"{trap!r} needs the native engine, and this runtime has none")
-        self.engine.start(task, trap)
-        return None
 
     # --- parking and cancelling ---------------------------------------------------------------------------------------
 
@@ -349,29 +339,26 @@ class ThreadDriver(_Driver):
                 task.wake_fd = -1
 
     def submit_op(self, task: Task, op: Op) -> tuple[Any, BaseException | None]:
-        try:
-            return self._perform(task, op), None
-        except Exception as error:  # refused by the backend: the task gets the error
-            return None, error
-
-    def _perform(self, task: Task, op: Op) -> Op:
         deadline = task.scope.effective_deadline()
         op.deadline = None if deadline == math.inf else deadline
         op.wake_fd = task.wake_fd
-        with LOCK:
-            task._abort = op  # see cancel_op
-            if task.scope.is_cancelled():
-                op.cancel_requested = True
-        backend = self.backend
         try:
-            backend.submit(op)
-        finally:
             with LOCK:
-                task._abort = None
-        backend.wait(0)  # collect it from this thread's completed list
-        if op.result == _ECANCELED and op.deadline is not None and time.monotonic() >= op.deadline:
-            task.scope.expire_deadlines(time.monotonic())
-        return op
+                task._abort = op  # see cancel_op
+                if task.scope.is_cancelled():
+                    op.cancel_requested = True
+            backend = self.backend
+            try:
+                backend.submit(op)
+            finally:
+                with LOCK:
+                    task._abort = None
+            backend.wait(0)  # collect it from this thread's completed list
+            if op.result == _ECANCELED and op.deadline is not None and time.monotonic() >= op.deadline:
+                task.scope.expire_deadlines(time.monotonic())
+        except Exception as error:  # refused by the backend: the task gets the error
+            return None, error
+        return op, None
 
     def cancel_op(self, op: Op) -> None:
         # Not backend.cancel(): that asks only for an op in flight, and this one may not be admitted yet. The flag
