@@ -13,8 +13,8 @@ A task suspends only through the traps of ``traps.py``, and every driver hands e
   eventfd, which interrupts either wait. Each thread enforces its own deadlines (the op's ``deadline`` is the task's
   nearest scope deadline).
 
-The trap handlers (``submit_op``, ``park``, ``checkpoint``) return the ``(value, exception)`` to resume the task with
-now, or None when the task waits to be rescheduled (only the loop driver's do that).
+The trap handlers (``submit_op``, ``park``, ``checkpoint``, ``start_engine_trap``) return the ``(value, exception)``
+to resume the task with now, or None when the task waits to be rescheduled (only the loop driver's do that).
 """
 
 from __future__ import annotations
@@ -99,6 +99,17 @@ class _Driver:
                 self.reschedule(waiter)
             if task.group is not None:
                 task.group._child_finished(task, error)
+
+    # --- the trap handler both drivers share (traps.dispatch calls it) -----------------------------------------------
+
+    def start_engine_trap(self, task: Task, trap: EngineTrap) -> tuple[Any, BaseException | None] | None:
+        """The engine starts it (and runs the task on if it is done at once). Without an engine, the task gets a
+        RuntimeError: the Trap came from a stream made under another runtime."""
+        if self.engine is None:
+            return None, RuntimeError(f"{task!r} awaited {trap!r}, an operation of the native engine of another "
+                                      f"runtime (a stream is used only inside the iokit.run that made it)")
+        self.engine.start(task, trap)
+        return None
 
     # --- parking and cancelling ---------------------------------------------------------------------------------------
 

@@ -6,9 +6,10 @@ driver resumes it with a value or an exception. There are four kinds:
 * an ``Op`` (``perform`` yields the op itself, so an I/O costs no trap object): submit it to the backend; resume with
   the finished op. Cancelling asks for the op to be cancelled; the task wakes only when the op has settled.
 * an engine ``Trap`` (``iokit._engine.Trap``, on epoll and uring: a stream's receive, send, accept, close): an
-  awaitable the native engine starts, finishes and resumes its task from, all in C. It never reaches a Python driver
-  of the runtime that made it (the engine runs every task there); one that does comes from a stream made under
-  another runtime, and its task gets a ``RuntimeError``.
+  awaitable the native engine starts, finishes and resumes its task from, all in C. It reaches a Python driver only
+  from a coroutine stepped by hand (the HTTP core runs a handler at once and hands its first trap to the driver),
+  and goes to ``engine.start``; where there is no engine, it came from a stream made under another runtime, and its
+  task gets a ``RuntimeError``.
 * a ``Park``: sleep until someone calls ``driver.reschedule(task, ...)``. If the task is cancelled while parked, the
   driver calls ``park.abort()``: True means "nothing is pending, wake me with Cancelled now"; False means "something
   is still pending (an op the kernel holds, children to wait for); I will be rescheduled when it settles".
@@ -70,8 +71,8 @@ def dispatch(driver, task, trap) -> tuple[Any, BaseException | None] | None:
     """Hand ``trap``, which ``task`` just yielded, to ``driver``'s method for its kind; return what that returns:
     the ``(value, exception)`` to resume the task with now, or None when the task waits to be rescheduled.
 
-    Every driver has the three methods ``submit_op``, ``park`` and ``checkpoint`` (see ``drivers._Driver``). The
-    loop driver's may return None; the thread driver's wait where they are, and never do.
+    Every driver has the four methods ``submit_op``, ``park``, ``checkpoint`` and ``start_engine_trap`` (see
+    ``drivers._Driver``). The loop driver's may return None; the thread driver's wait where they are, and never do.
     """
     kind = trap.__class__
     if kind is Op:  # the most frequent first: the exact classes are one pointer comparison each
@@ -83,7 +84,6 @@ def dispatch(driver, task, trap) -> tuple[Any, BaseException | None] | None:
     if isinstance(trap, Op):  # a subclass of Op (uring's MultishotOp, the fault wrapper's attempts)
         return driver.submit_op(task, trap)
     if kind is EngineTrap:
-        return None, RuntimeError(f"{task!r} awaited {trap!r}, an operation of the native engine of another runtime "
-                                  f"(a stream is used only inside the iokit.run that made it)")
+        return driver.start_engine_trap(task, trap)
     return None, RuntimeError(f"{task!r} yielded {trap!r}, which is not an iokit trap "
                               f"(an awaitable of another event loop?)")
