@@ -18,7 +18,10 @@ import iokit
 from iokit import (Cancelled, CancelScope, Event, Lock, Queue, TaskGroup, WouldBlock, fail_after, move_on_after, ops,
                    perform, sleep, sleep_forever)
 
+from iokit.runtime import set_current_task
+
 from conftest import require_backend
+from test_conformance import tcp_pair
 
 LOCALHOST = "127.0.0.1"
 
@@ -629,6 +632,36 @@ def test_awaiting_what_is_not_an_iokit_trap_raises_in_that_task_and_the_runtime_
         return "went on"
 
     assert run(main) == "went on"
+
+
+@pytest.mark.parametrize("engine_backend", ["epoll", "uring"])
+def test_an_engine_trap_of_a_coroutine_stepped_by_hand_is_started_by_the_engine(engine_backend):
+    # The HTTP core runs a handler at once and, when it waits, hands the trap it yielded to the driver's _handle as
+    # the task's own (iokit/http/connection.py). On epoll and uring that trap may be the engine's (the handler awaits
+    # a stream): the engine must start it and resume the task with what it received.
+    require_backend(engine_backend)
+
+    async def receive(stream):
+        return await stream.receive_some()
+
+    async def main():
+        client, server = await tcp_pair()
+        async with client, server:
+            driver = iokit.current_task().runtime
+            task = driver.new_task(receive, (server,), "stepped by hand", None, driver.root_scope, start=False)
+            previous = iokit.current_task()
+            set_current_task(task)
+            try:
+                trap = task.coro.send(None)
+            finally:
+                set_current_task(previous)
+            driver._handle(task, trap)
+            await client.sendall(b"hello")
+            with fail_after(5):
+                await task.wait()
+            return type(trap).__name__, task.result()
+
+    assert iokit.run(main, backend=engine_backend) == ("Trap", b"hello")
 
 
 @pytest.mark.parametrize("backend_without_engine", ["blocking", "threads"])
