@@ -6,10 +6,9 @@ the same program runs on every backend. See README.md for a tour and docs/archit
 
 from . import _op as ops
 from ._errors import BackendClosed, BackendUnavailable, Cancelled
-from ._scopes import CancelScope, current_task, fail_after, move_on_after
-from ._sync import Event, Lock, Queue, WouldBlock
 from .backends import Backend, BackendInfo, BackendStatistics, backends, open_backend
-from .runtime import (Task, TaskGroup, checkpoint, current_backend, current_time, perform, run, signal_event, sleep,
+from .runtime import (CancelScope, Event, Lock, Queue, Task, TaskGroup, WouldBlock, checkpoint, current_backend,
+                      current_task, current_time, fail_after, move_on_after, perform, run, signal_event, sleep,
                       sleep_forever, sleep_until)
 from .streams import File, Listener, SocketStream, connect_tcp, open_file, open_tcp_listener
 from . import protocols  # noqa: E402 - after the runtime and streams it is built on

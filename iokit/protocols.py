@@ -31,9 +31,7 @@ import threading
 from typing import Any, Callable
 
 from ._errors import Cancelled
-from ._scopes import CancelScope, current_task
-from ._sync import Event
-from .runtime import TaskGroup
+from .runtime import CancelScope, Event, TaskGroup, current_task
 from .streams import Listener, SocketStream, connect_tcp
 
 __all__ = ["Protocol", "StreamTransport", "connect", "drive", "serve"]

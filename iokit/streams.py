@@ -21,8 +21,7 @@ import socket
 from typing import Any
 
 from . import _op as ops
-from ._scopes import CancelScope, current_task
-from .runtime import current_time, perform
+from .runtime import CancelScope, current_task, current_time, perform
 
 DEFAULT_RECEIVE_SIZE = 65536
 # On an engine, sendall returns once the bytes are queued, so a close may find some still waiting to leave: it gives

@@ -10,12 +10,18 @@ import os
 import signal
 import threading
 import time
+import types
 
 import pytest
 
 import iokit
 from iokit import (Cancelled, CancelScope, Event, Lock, Queue, TaskGroup, WouldBlock, fail_after, move_on_after, ops,
                    perform, sleep, sleep_forever)
+
+from iokit.runtime import set_current_task
+
+from conftest import require_backend
+from test_conformance import tcp_pair
 
 LOCALHOST = "127.0.0.1"
 
@@ -610,6 +616,75 @@ def test_perform_in_a_cancelled_scope_raises_cancelled_without_submitting(run):
 def test_current_task_outside_run_raises():
     with pytest.raises(RuntimeError):
         iokit.current_task()
+
+
+@types.coroutine
+def _yield_as_is(thing):
+    return (yield thing)
+
+
+def test_awaiting_what_is_not_an_iokit_trap_raises_in_that_task_and_the_runtime_goes_on(run):
+    # What an awaitable of another event loop does (an asyncio Future yields itself): no driver knows what it is.
+    async def main():
+        with pytest.raises(RuntimeError, match="not an iokit trap"):
+            await _yield_as_is("a string")
+        await sleep(0.01)
+        return "went on"
+
+    assert run(main) == "went on"
+
+
+@pytest.mark.parametrize("engine_backend", ["epoll", "uring"])
+def test_an_engine_trap_of_a_coroutine_stepped_by_hand_is_started_by_the_engine(engine_backend):
+    # The HTTP core runs a handler at once and, when it waits, hands the trap it yielded to the driver's _handle as
+    # the task's own (iokit/http/connection.py). On epoll and uring that trap may be the engine's (the handler awaits
+    # a stream): the engine must start it and resume the task with what it received.
+    require_backend(engine_backend)
+
+    async def receive(stream):
+        return await stream.receive_some()
+
+    async def main():
+        client, server = await tcp_pair()
+        async with client, server:
+            driver = iokit.current_task().runtime
+            task = driver.new_task(receive, (server,), "stepped by hand", None, driver.root_scope, start=False)
+            previous = iokit.current_task()
+            set_current_task(task)
+            try:
+                trap = task.coro.send(None)
+            finally:
+                set_current_task(previous)
+            driver._handle(task, trap)
+            await client.sendall(b"hello")
+            with fail_after(5):
+                await task.wait()
+            return type(trap).__name__, task.result()
+
+    assert iokit.run(main, backend=engine_backend) == ("Trap", b"hello")
+
+
+@pytest.mark.parametrize("backend_without_engine", ["blocking", "threads"])
+def test_a_stream_awaited_outside_the_runtime_whose_engine_made_it_fails_in_the_task(backend_without_engine):
+    # A listener made on epoll holds that runtime's engine, and its accept is an engine Trap, which no Python driver
+    # can run: the task gets a RuntimeError saying so (this used to end run() itself, with an AttributeError on
+    # threads and a TypeError on blocking).
+    require_backend("epoll")
+
+    async def make():
+        return await iokit.open_tcp_listener(LOCALHOST, 0)
+
+    async def main(listener):
+        with pytest.raises(RuntimeError, match="another runtime"):
+            await listener.accept()
+        await sleep(0.01)
+        return "went on"
+
+    listener = iokit.run(make, backend="epoll")
+    try:
+        assert iokit.run(main, listener, backend=backend_without_engine) == "went on"
+    finally:
+        listener.socket.close()
 
 
 # --- signals -----------------------------------------------------------------------------------------------------------

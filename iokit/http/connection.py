@@ -40,8 +40,7 @@ import types
 import iokit
 
 from .._errors import Cancelled
-from .._scopes import LOCK, CancelScope, current_task, set_current_task
-from ..runtime import LoopDriver
+from ..runtime import LOCK, CancelScope, LoopDriver, current_task, set_current_task
 from ..shutdown import STOP_LINGER
 from .errors import BodyIncomplete, HttpError
 from .messages import END_OF_MESSAGE, BodyChunk, RequestHead

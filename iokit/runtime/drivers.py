@@ -1,18 +1,20 @@
-"""The task runtime: the same async program on every backend.
+"""The drivers, which resume tasks, and ``run``, which picks one.
 
-A task is a coroutine that suspends only through the three traps of ``_traps`` ("do this op", "park me", "let others
-run"). Two drivers resume tasks:
+A task suspends only through the traps of ``traps.py``, and every driver hands each trap to the one
+``traps.dispatch``, which calls the driver's method for its kind. Two drivers:
 
 * ``LoopDriver`` (threads, epoll, uring): one thread runs every task. Ready tasks run in turn; when none is ready the
   driver calls ``backend.wait(timeout)``, where the timeout is the nearest cancel-scope deadline, and each completed op
   wakes the task parked on it. Cancelling a parked op asks the backend to cancel it; the task wakes only when the op
-  settles.
+  settles. On epoll and uring the native engine resumes the tasks and runs their socket traps in C, and hands the
+  driver (``_handle``) only the traps it does not know.
 * ``ThreadDriver`` (blocking): every task is an OS thread that makes its own syscalls, thread-per-connection style.
   An op is performed inline by the calling thread; a park waits on the thread's eventfd. Cancelling writes that
   eventfd, which interrupts either wait. Each thread enforces its own deadlines (the op's ``deadline`` is the task's
   nearest scope deadline).
 
-Events, queues, locks and scopes are written once, against ``park``/``reschedule``, and so work under both.
+The trap handlers (``submit_op``, ``park``, ``checkpoint``, ``start_engine_trap``) return the ``(value, exception)``
+to resume the task with now, or None when the task waits to be rescheduled (only the loop driver's do that).
 """
 
 from __future__ import annotations
@@ -27,83 +29,22 @@ import select
 import signal
 import threading
 import time
-import types
 from typing import Any, Awaitable, Callable
 
-from . import _engine, _traps
-from ._errors import Cancelled, check_result
-from ._op import Op, OpState
-from ._scopes import LOCK, CancelScope, current_task, set_current_task
-from .backends import Backend, open_backend
-from .backends._syscalls import drain_eventfd
-from .backends._timers import poll_milliseconds
+from .._errors import Cancelled
+from .._op import Op, OpState
+from ..backends import Backend, open_backend
+from ..backends._syscalls import drain_eventfd
+from ..backends._timers import poll_milliseconds
+from .context import LOCK, current_task, set_current_task
+from .scopes import CancelScope
+from .sync import Event
+from .tasks import Task
+from .traps import EngineTrap, Park, dispatch
 
 _ECANCELED = -errno.ECANCELED
 _DONE = OpState.DONE
-
-
-class Task(_engine.TaskBase):
-    """A running coroutine. Made by ``TaskGroup.spawn``; ``await task.wait()`` for it, ``task.result()`` after.
-
-    Its C base holds what the engine reads on every resume: ``coro``, ``_abort`` (what it is parked on) and
-    ``cancel_pending`` (whether a scope covering it is cancelled)."""
-
-    _names = itertools.count(1)
-    __slots__ = ("runtime", "name", "group", "scope", "own_scope", "finished", "_result", "_exception",
-                 "_resume", "wake_fd", "_done_waiters", "__weakref__")
-
-    def __init__(self, runtime: "_Driver", coro, name: str | None, group: "TaskGroup | None") -> None:
-        self.runtime = runtime
-        self.coro = coro
-        self.name = name or f"task-{next(self._names)}"
-        self.group = group
-        self.scope: CancelScope | None = None  # innermost scope the task is in
-        self.own_scope = CancelScope()           # lets task.cancel() cancel just this task
-        self.finished = False
-        self._result: Any = None
-        self._exception: BaseException | None = None
-        self._abort = None  # set while parked: an abort callable, the Op, or the engine's Trap
-        self._resume: tuple | None = None              # (value, exception) waiting to be delivered (thread driver)
-        self.wake_fd = -1                              # thread driver: the eventfd this task's thread waits on
-        self._done_waiters: list[Task] = []  # a list, not a deque: every task has one, and a deque is ~600 bytes
-
-    def cancel(self) -> None:
-        """Cancel this task alone (it raises ``Cancelled`` at its next checkpoint and finishes)."""
-        self.own_scope.cancel()
-
-    def result(self) -> Any:
-        """The coroutine's return value; raises its exception. ``RuntimeError`` if it has not finished."""
-        if not self.finished:
-            raise RuntimeError(f"{self.name} has not finished")
-        if self._exception is not None:
-            raise self._exception
-        return self._result
-
-    async def wait(self) -> None:
-        """Wait until the task has finished (whatever the outcome)."""
-        me = current_task()
-        with LOCK:
-            if self.finished:
-                parked = False
-            else:
-                self._done_waiters.append(me)
-                parked = True
-        if parked:
-            await _traps.park(lambda: _remove(self._done_waiters, me))
-        else:
-            await checkpoint()
-
-    def __repr__(self) -> str:
-        return f"<Task {self.name}{' finished' if self.finished else ''}>"
-
-
-def _remove(waiters: list, task: Task) -> bool:
-    """Abort helper for tasks parked in a waiter queue: True (wake with Cancelled) if it was still waiting."""
-    try:
-        waiters.remove(task)
-    except ValueError:
-        return False  # already woken: its wake-up is on the way
-    return True
+_RESUME_NOW = (None, None)  # a handler's outcome "go on at once, with nothing"
 
 
 class _Driver:
@@ -133,7 +74,7 @@ class _Driver:
             self.start_task(task)
         return task
 
-    def step(self, task: Task, value: Any, exc: BaseException | None) -> tuple | None:
+    def step(self, task: Task, value: Any, exc: BaseException | None):
         """Run ``task`` until its next trap; return the trap, or None when the task finished."""
         set_current_task(task)
         try:
@@ -159,37 +100,47 @@ class _Driver:
             if task.group is not None:
                 task.group._child_finished(task, error)
 
+    # --- the trap handler both drivers share (traps.dispatch calls it) -----------------------------------------------
+
+    def start_engine_trap(self, task: Task, trap: EngineTrap) -> tuple[Any, BaseException | None] | None:
+        """The engine starts it (and runs the task on if it is done at once). Without an engine, the task gets a
+        RuntimeError: the Trap came from a stream made under another runtime."""
+        if self.engine is None:
+            return None, RuntimeError(f"{task!r} awaited {trap!r}, an operation of the native engine of another "
+                                      f"runtime (a stream is used only inside the iokit.run that made it)")
+        self.engine.start(task, trap)
+        return None
+
     # --- parking and cancelling ---------------------------------------------------------------------------------------
 
     def deliver_cancel(self, task: Task) -> None:
-        """A scope covering ``task`` was cancelled (called under LOCK): interrupt what it waits on."""
+        """A scope covering ``task`` was cancelled (called under LOCK): interrupt the trap it is parked on."""
         task.cancel_pending = True
-        abort = task._abort
-        if abort is None:
+        parked_on = task._abort
+        if parked_on is None:
             return
-        if abort.__class__ is _engine.Trap:
+        kind = parked_on.__class__
+        if kind is Park:
+            if parked_on.abort():
+                task._abort = None
+                self.reschedule(task, exc=Cancelled())
+        elif kind is EngineTrap:
             # Parked in the engine: a receive or send waiting there ends at once, an accept in the kernel is
             # cancelled there; the engine wakes the task either way.
-            self.engine.cancel(abort)
-        elif isinstance(abort, Op):
-            # Parked on an op (the loop driver stores the op, not a closure, on this hot path): ask the backend to
-            # cancel it; the task wakes when the op settles.
-            self.backend.cancel(abort)
-        elif abort():
-            task._abort = None
-            self.reschedule(task, exc=Cancelled())
+            self.engine.cancel(parked_on)
+        else:  # an Op: ask for it to be cancelled; the task wakes when the op settles
+            self.cancel_op(parked_on)
 
-    def park_aborted_at_once(self, task: Task, abort: Callable[[], bool]) -> bool:
-        """Register a park (under LOCK). True if the task is already cancelled and ``abort`` released it."""
-        if task.scope is not None and task.scope.is_cancelled() and abort():
+    def park_aborted_at_once(self, task: Task, park: Park) -> bool:
+        """Register a park (under LOCK). True if the task is already cancelled and ``park.abort`` released it."""
+        if task.scope is not None and task.scope.is_cancelled() and park.abort():
             return True
-        task._abort = abort
+        task._abort = park
         return False
 
     # --- signals ----------------------------------------------------------------------------------------------------
 
-    def signal_event(self, signums: tuple[int, ...]):
-        from ._sync import Event
+    def signal_event(self, signums: tuple[int, ...]) -> Event:
         event = Event()
 
         def handler(signum, frame):
@@ -205,6 +156,18 @@ class _Driver:
             signal.signal(signum, previous)
 
     # --- for subclasses ---------------------------------------------------------------------------------------------
+
+    def submit_op(self, task: Task, op: Op) -> tuple[Any, BaseException | None] | None:
+        raise NotImplementedError
+
+    def park(self, task: Task, park: Park) -> tuple[Any, BaseException | None] | None:
+        raise NotImplementedError
+
+    def checkpoint(self, task: Task) -> tuple[Any, BaseException | None] | None:
+        raise NotImplementedError
+
+    def cancel_op(self, op: Op) -> None:
+        raise NotImplementedError
 
     def start_task(self, task: Task) -> None:
         raise NotImplementedError
@@ -281,34 +244,38 @@ class LoopDriver(_Driver):
                 self._callbacks.popleft()()
 
     def _handle(self, task: Task, trap) -> None:
-        if trap.__class__ is _engine.Trap:  # a socket trap of a task stepped here, not by the engine
-            self.engine.start(task, trap)
-            return
-        kind = trap[0]
-        if kind == "io":
-            op = trap[1]
-            op.waiter = task
-            try:
-                self.backend.submit(op)
-            except Exception as error:  # refused (closed backend, full ring...): the task gets the error
-                op.waiter = None
-                self._ready.append((task, None, error))
-                return
-            if op.state is _DONE:  # finished at once (epoll's first try, a file op inline): no wait() needed
-                op.waiter = None
-                self._ready.append((task, op, None))
-                return
-            task._abort = op  # see deliver_cancel
-            # No look at task.scope.is_cancelled() here: perform(), which yields every io trap, looked just before,
-            # and nothing ran since. A cancel from now on reaches the op through deliver_cancel.
-        elif kind == "park":
-            with LOCK:
-                if self.park_aborted_at_once(task, trap[1]):
-                    self._ready.append((task, None, Cancelled()))
-        elif kind == "yield":
-            self._ready.append((task, None, None))
-        else:
-            self._ready.append((task, None, RuntimeError(f"unknown trap {trap!r}")))
+        """Take the trap ``task`` yielded (stepped here, or by the engine, which calls this for the traps it does not
+        know): a task with an outcome already goes back on the ready queue."""
+        outcome = dispatch(self, task, trap)
+        if outcome is not None:
+            self._ready.append((task, outcome[0], outcome[1]))
+
+    def submit_op(self, task: Task, op: Op) -> tuple[Any, BaseException | None] | None:
+        op.waiter = task
+        try:
+            self.backend.submit(op)
+        except Exception as error:  # refused (closed backend, full ring...): the task gets the error
+            op.waiter = None
+            return None, error
+        if op.state is _DONE:  # finished at once (epoll's first try, a file op inline): no wait() needed
+            op.waiter = None
+            return op, None
+        task._abort = op  # see deliver_cancel
+        # No look at task.scope.is_cancelled() here: perform(), which yields every op, looked just before, and
+        # nothing ran since. A cancel from now on reaches the op through deliver_cancel.
+        return None
+
+    def cancel_op(self, op: Op) -> None:
+        self.backend.cancel(op)
+
+    def park(self, task: Task, park: Park) -> tuple[Any, BaseException | None] | None:
+        with LOCK:
+            if self.park_aborted_at_once(task, park):
+                return None, Cancelled()
+        return None
+
+    def checkpoint(self, task: Task) -> tuple[Any, BaseException | None]:
+        return _RESUME_NOW  # behind the tasks ready now: see run()
 
     def _next_timeout(self) -> float | None:
         heap = self._deadlines
@@ -374,66 +341,49 @@ class ThreadDriver(_Driver):
         # The task's own eventfd (not the backend's): it must outlive a backend closed under a running program.
         task.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
-            self._drive(task)
+            value, exc = None, None
+            while (trap := self.step(task, value, exc)) is not None:
+                value, exc = dispatch(self, task, trap)  # this driver's handlers wait here: they always have one
         finally:
             with LOCK:
                 os.close(task.wake_fd)
                 task.wake_fd = -1
 
-    def _drive(self, task: Task) -> None:
-        value, exc = None, None
-        while True:
-            trap = self.step(task, value, exc)
-            if trap is None:
-                return
-            kind = trap[0]
-            if kind == "io":
-                try:
-                    value, exc = self._perform(task, trap[1]), None
-                except Exception as error:  # refused by the backend: the task gets the error
-                    value, exc = None, error
-            elif kind == "park":
-                value, exc = self._park(task, trap[1])
-            elif kind == "yield":
-                if task.scope.effective_deadline() <= time.monotonic():
-                    with LOCK:
-                        task.scope.expire_deadlines(time.monotonic())
-                value, exc = None, (Cancelled() if task.scope.is_cancelled() else None)
-            else:
-                value, exc = None, RuntimeError(f"unknown trap {trap!r}")
-
-    def _perform(self, task: Task, op: Op) -> Op:
+    def submit_op(self, task: Task, op: Op) -> tuple[Any, BaseException | None]:
         deadline = task.scope.effective_deadline()
         op.deadline = None if deadline == math.inf else deadline
         op.wake_fd = task.wake_fd
-
-        def abort() -> bool:
-            # Works before submit() has admitted the op too: the blocking wait checks the flag after every wake-up.
-            op.cancel_requested = True
-            os.eventfd_write(op.wake_fd, 1)
-            return False
-
-        with LOCK:
-            task._abort = abort
-            if task.scope.is_cancelled():
-                op.cancel_requested = True
-        backend = self.backend
         try:
-            backend.submit(op)
-        finally:
             with LOCK:
-                task._abort = None
-        backend.wait(0)  # collect it from this thread's completed list
-        if op.result == _ECANCELED and op.deadline is not None and time.monotonic() >= op.deadline:
-            task.scope.expire_deadlines(time.monotonic())
-        return op
+                task._abort = op  # see cancel_op
+                if task.scope.is_cancelled():
+                    op.cancel_requested = True
+            backend = self.backend
+            try:
+                backend.submit(op)
+            finally:
+                with LOCK:
+                    task._abort = None
+            backend.wait(0)  # collect it from this thread's completed list
+            if op.result == _ECANCELED and op.deadline is not None and time.monotonic() >= op.deadline:
+                task.scope.expire_deadlines(time.monotonic())
+        except Exception as error:  # refused by the backend: the task gets the error
+            return None, error
+        return op, None
 
-    def _park(self, task: Task, abort: Callable[[], bool]) -> tuple[Any, BaseException | None]:
+    def cancel_op(self, op: Op) -> None:
+        # Not backend.cancel(): that asks only for an op in flight, and this one may not be admitted yet. The flag
+        # is read by the blocking wait after every wake-up, before and after admission (and the fault wrapper's
+        # attempts read the caller's op's flag).
+        op.cancel_requested = True
+        os.eventfd_write(op.wake_fd, 1)
+
+    def park(self, task: Task, park: Park) -> tuple[Any, BaseException | None]:
         with LOCK:
             if task._resume is not None:
                 resume, task._resume = task._resume, None
                 return resume
-            if self.park_aborted_at_once(task, abort):
+            if self.park_aborted_at_once(task, park):
                 return None, Cancelled()
         poller = select.poll()
         poller.register(task.wake_fd, select.POLLIN)
@@ -448,6 +398,12 @@ class ThreadDriver(_Driver):
                 if task._resume is not None:
                     resume, task._resume = task._resume, None
                     return resume
+
+    def checkpoint(self, task: Task) -> tuple[Any, BaseException | None]:
+        if task.scope.effective_deadline() <= time.monotonic():
+            with LOCK:
+                task.scope.expire_deadlines(time.monotonic())
+        return None, (Cancelled() if task.scope.is_cancelled() else None)
 
 
 # --- the public API ---------------------------------------------------------------------------------------------------
@@ -484,120 +440,7 @@ def current_backend() -> Backend:
     return _driver().backend
 
 
-def current_time() -> float:
-    """The runtime's clock: ``time.monotonic()`` seconds (deadlines use it)."""
-    return time.monotonic()
-
-
-@types.coroutine
-def perform(op: Op) -> Any:
-    """Submit ``op`` and wait for it; return its result or raise the ``OSError`` it failed with (``await perform(op)``).
-
-    If the task is cancelled while the op is in flight, the backend is asked to cancel it and the task waits until the
-    op has settled: ``Cancelled`` is raised if the cancel won; if the op finished first, its result is returned (no
-    byte is thrown away) and ``Cancelled`` comes at the next checkpoint.
-    """
-    # A generator that yields the io trap itself, rather than an ``async def`` awaiting ``_traps.io``: every op goes
-    # through here, and this saves a coroutine object and a frame per op.
-    task = current_task()
-    if task.cancel_pending:
-        raise Cancelled()
-    yield ("io", op)
-    result = op.result
-    if result >= 0:
-        return result
-    if result == _ECANCELED and (op.cancel_requested or task.cancel_pending):
-        raise Cancelled()
-    return check_result(result)
-
-
-async def checkpoint() -> None:
-    """Let other tasks run; raise ``Cancelled`` if this task has been cancelled."""
-    if current_task().cancel_pending:
-        raise Cancelled()
-    await _traps.yield_now()
-
-
-async def sleep_until(deadline: float) -> None:
-    """Sleep until ``current_time()`` reaches ``deadline``."""
-    with CancelScope(deadline=deadline):
-        await _traps.park(lambda: True)
-
-
-async def sleep(seconds: float) -> None:
-    """Sleep for ``seconds`` (0 only lets the others run)."""
-    if seconds <= 0:
-        await checkpoint()
-    else:
-        await sleep_until(time.monotonic() + seconds)
-
-
-async def sleep_forever() -> None:
-    """Sleep until cancelled."""
-    await _traps.park(lambda: True)
-
-
-def signal_event(*signums: int):
+def signal_event(*signums: int) -> Event:
     """Return an ``Event`` that is set when one of ``signums`` arrives (call from the main thread, inside ``run``).
     The previous handlers come back when ``run`` returns."""
     return _driver().signal_event(signums)
-
-
-class TaskGroup:
-    """Runs tasks concurrently and waits for all of them at the end of the ``async with`` block.
-
-    If a task (or the block) raises, the others are cancelled; after all have finished, the error is raised again
-    (several become a ``BaseExceptionGroup``). ``cancel_scope`` cancels the whole group.
-    """
-
-    def __init__(self) -> None:
-        self.cancel_scope = CancelScope()
-        self._children: set[Task] = set()
-        self._errors: list[BaseException] = []
-        self._parent: Task | None = None
-        self._waiting = False
-
-    async def __aenter__(self) -> "TaskGroup":
-        self._parent = current_task()
-        self.cancel_scope.__enter__()
-        return self
-
-    def spawn(self, fn: Callable[..., Awaitable], *args, name: str | None = None) -> Task:
-        """Start ``fn(*args)`` as a new task in this group; return it."""
-        if self._parent is None:
-            raise RuntimeError("spawn() needs the group to be entered (async with)")
-        with LOCK:
-            task = self._parent.runtime.new_task(fn, args, name, self, self.cancel_scope)
-            self._children.add(task)
-        return task
-
-    def _child_finished(self, task: Task, error: BaseException | None) -> None:
-        # Under LOCK, from the finishing task's thread.
-        self._children.discard(task)
-        if error is not None and not isinstance(error, Cancelled):
-            self._errors.append(error)
-            self.cancel_scope.cancel()
-        if self._waiting and not self._children:
-            self._waiting = False
-            task.runtime.reschedule(self._parent)
-
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and not isinstance(exc, Cancelled):
-            self._errors.append(exc)
-            self.cancel_scope.cancel()
-        while True:
-            with LOCK:
-                if not self._children:
-                    break
-                self._waiting = True
-            # Not cancellable: children first (they are inside our scope, so any cancel reaches them too).
-            await _traps.park(lambda: False)
-        body_cancelled = exc if isinstance(exc, Cancelled) else None
-        if self._errors:
-            self.cancel_scope.__exit__(None, None, None)
-            if len(self._errors) == 1:
-                raise self._errors[0]
-            raise BaseExceptionGroup("several tasks failed", self._errors)
-        if body_cancelled is not None:
-            return self.cancel_scope.__exit__(Cancelled, body_cancelled, tb)
-        return self.cancel_scope.__exit__(None, None, None)

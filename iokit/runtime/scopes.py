@@ -14,26 +14,16 @@ threads, so scopes are shared between threads.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import _engine
-from ._errors import Cancelled
+from .._errors import Cancelled
+from .context import LOCK, current_task
 
-if TYPE_CHECKING:
-    from .runtime import Task
+if TYPE_CHECKING:  # for annotations only: tasks sit above scopes
+    from .tasks import Task
 
-# One lock for the runtime's shared state (scopes, parked tasks, events, queues). Re-entrant because a cancel delivered
-# under the lock may wake tasks, which takes it again. Uncontended on the loop backends.
-LOCK = threading.RLock()
 _NO_MEMBERS: frozenset = frozenset()  # a scope's children and tasks until it has any
-
-# The task running on this thread right now lives in the engine (a C thread-local), because the engine resumes
-# tasks itself. current_task() raises RuntimeError outside iokit.run().
-current_task = _engine.current_task
-set_current_task = _engine.set_current_task
-_engine.configure(Cancelled)  # what an engine trap raises when its task is cancelled
 
 
 class CancelScope:

@@ -1,4 +1,4 @@
-"""Event, Queue and Lock for tasks, built on the runtime's park/reschedule and so valid under both drivers.
+"""Event, Queue and Lock for tasks, built on the park trap and the driver's reschedule, so valid under both drivers.
 
 Each keeps FIFO queues of parked tasks. All state changes happen under the runtime's ``LOCK``: on the blocking
 backend the tasks are threads. A parked task that is cancelled leaves its queue (its abort function removes it); if
@@ -8,22 +8,17 @@ it was already woken, the wake-up wins and the cancel is seen at its next checkp
 from __future__ import annotations
 
 import collections
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from . import _traps
-from ._scopes import LOCK, current_task
-from .runtime import Task, _remove, checkpoint
+from .context import LOCK, current_task
+from .tasks import Task
+from .waits import checkpoint, wait_in
 
 T = TypeVar("T")
 
 
 class WouldBlock(Exception):
     """``put_nowait`` on a full queue, ``get_nowait`` on an empty one."""
-
-
-async def _wait_in(waiters: collections.deque[Task], task: Task) -> Any:
-    """Park ``task``, which the caller has just appended to ``waiters`` under LOCK."""
-    return await _traps.park(lambda: _remove(waiters, task))
 
 
 class Event:
@@ -58,7 +53,7 @@ class Event:
             else:
                 parked = False
         if parked:
-            await _wait_in(self._waiters, task)
+            await wait_in(self._waiters, task)
         else:
             await checkpoint()
 
@@ -111,7 +106,7 @@ class Queue(Generic[T]):
                     self._wake_one(self._getters)
                     return
                 self._putters.append(task)
-            await _wait_in(self._putters, task)
+            await wait_in(self._putters, task)
 
     async def get(self) -> T:
         """Remove and return the oldest item, waiting while the queue is empty."""
@@ -123,7 +118,7 @@ class Queue(Generic[T]):
                     self._wake_one(self._putters)
                     break
                 self._getters.append(task)
-            await _wait_in(self._getters, task)
+            await wait_in(self._getters, task)
         return item
 
     @staticmethod
@@ -156,7 +151,7 @@ class Lock:
                 self._waiters.append(task)
                 parked = True
         if parked:
-            await _wait_in(self._waiters, task)  # release() hands the lock to us before waking us
+            await wait_in(self._waiters, task)  # release() hands the lock to us before waking us
 
     def release(self) -> None:
         with LOCK:
