@@ -85,7 +85,7 @@ static __thread PyObject *current;  /* the task running on this thread (strong),
 typedef struct {
 	PyObject_HEAD
 	PyObject *coro;
-	PyObject *abort;       /* what the task is parked on (Python's `_abort`): a Trap, an Op or an abort callable */
+	PyObject *abort;       /* what the task is parked on (Python's `_abort`): a Trap, an Op or a Park (iokit/runtime/traps.py) */
 	char cancel_pending;   /* kept equal to task.scope.is_cancelled() by the scopes */
 } TaskBase;
 
