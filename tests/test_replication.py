@@ -31,7 +31,7 @@ import pytest
 
 from example_servers import _backend_params, backend_name, wait_until  # noqa: F401
 from test_upload import (CLIENT, KIB, MIB, SHM, create, fast_dir, offset_of, patch, random_file,  # noqa: F401
-                         raw_patch_head, read_ack_log, sha256_of, start_upload_server, tus)
+                         raw_patch_head, read_ack_log, settled_offset_of, sha256_of, start_upload_server, tus)
 
 SYNC_CI_TRIALS = 3
 SYNC_FULL_TRIALS = 20
@@ -291,7 +291,7 @@ def test_async_a_replica_that_lost_data_in_a_crash_gets_it_again(backend_name, f
             time.sleep(1.5)  # the primary's link has seen the replica's epoch
             replica.stop(signal.SIGKILL)
             replica.restart()
-            assert wait_until(lambda: offset_of(replica.process, path) == 2 * MIB, timeout=10)
+            assert wait_until(lambda: settled_offset_of(replica.process, path) == 2 * MIB, timeout=10)
             assert download_sha256(replica.process, path) == sha256_of(source)
             assert "restarted; checking every upload there" in primary.stderr_text
     finally:

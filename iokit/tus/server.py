@@ -86,9 +86,11 @@ class UploadHandlers:
     async def head(self, request) -> Response:
         protocol.check_tus_resumable(protocol.single_header(request.headers, "tus-resumable"))
         upload = await self.store.lookup(request.path_params["upload_id"])
-        if upload.committing:  # a PATCH is making its chunk the offset: the one we have is about to change
-            raise tus_error(423, "committing", "a chunk is being committed to this upload; retry in a moment",
-                            headers=[("Retry-After", "1")])
+        # A PATCH is writing (what it received is kept even if its client dies now) or making its chunk the offset:
+        # the offset we have is about to change. 423 until it is settled, as tusd (whose HEAD takes the lock too).
+        if upload.committing or upload.busy:
+            raise tus_error(423, "committing" if upload.committing else "locked",
+                            "a chunk is being written to this upload; retry in a moment", headers=[("Retry-After", "1")])
         headers = [*_state_headers(self.store, upload), ("Cache-Control", "no-store")]
         if upload.metadata:
             headers.append(("Upload-Metadata", protocol.encode_metadata(upload.metadata)))
