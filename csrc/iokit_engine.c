@@ -382,6 +382,7 @@ typedef struct Conn {
 	PyObject *lost_error;        /* what connection_lost() gets: the exception that ended the connection, or NULL */
 	Py_ssize_t high_water, low_water;
 	unsigned reading_paused : 1, writing_paused : 1, want_read : 1;
+	unsigned eof_told : 1;       /* eof_received() was called: once per connection */
 	unsigned retry_reader : 1;   /* an injected EAGAIN parked the reader with data there: retry it at the flush */
 } Conn;
 
@@ -1948,8 +1949,9 @@ static void protocol_eof(Loop *L, Conn *c)
 	PyObject *keep;
 
 	c->eof = 1;
-	if (c->closing || c->dead)
+	if (c->closing || c->dead || c->eof_told)
 		return;
+	c->eof_told = 1;
 	keep = protocol_call_method(L, c, c->on_eof, NULL);
 	if (!c->dead && !c->closing && !(keep && PyObject_IsTrue(keep) == 1)) {
 		c->closing = 1;
@@ -2021,7 +2023,8 @@ static void protocol_closed(Loop *L, Conn *c)
  */
 static void protocol_epoll_read(Loop *L, Conn *c, int short_read_ends)
 {
-	while (!c->dead && !c->closing && !c->reading_paused) {
+	/* After the end of stream (a half-open transport), later events still say RDHUP: nothing more to read. */
+	while (!c->dead && !c->closing && !c->reading_paused && !c->eof_told) {
 		int one_byte = fault_roll(L, L->faults.short_transfer);
 		ssize_t n;
 

@@ -236,6 +236,33 @@ def test_abort_ends_a_connection_whose_send_waits_for_a_peer_that_never_reads(ru
     assert [event for event in protocol.events if isinstance(event, tuple)] == [("lost", None)]
 
 
+def test_eof_received_is_called_once_on_a_half_open_transport(run):
+    """eof_received returning true keeps the transport open for writing; what follows (reading paused and resumed,
+    events that still say the peer hung up) must not report the end again."""
+    protocol = Recorder(echo=False, keep_open_on_eof=True)
+
+    async def body(client):
+        await client.sendall(b"last words")
+        await client.shutdown_write()
+        for _ in range(300):
+            if "eof" in protocol.events:
+                break
+            await iokit.sleep(0.01)
+        protocol.transport.pause_reading()
+        await iokit.sleep(0.02)
+        protocol.transport.resume_reading()
+        for _ in range(5):  # more events on the server's side of the socket: sends, their completions
+            protocol.transport.write(b"still here")
+            await iokit.sleep(0.02)
+        answer = await receive_exactly(client, 50)
+        protocol.transport.close()
+        return answer
+
+    assert run(served, protocol, body) == b"still here" * 5
+    assert bytes(protocol.received) == b"last words"
+    assert protocol.events.count("eof") == 1, protocol.events
+
+
 def test_abort_drops_the_queue_and_ends_the_connection(run):
     protocol = Recorder(echo=False)
 

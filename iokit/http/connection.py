@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
 import time
 import types
@@ -194,10 +193,6 @@ class HttpConnection:
 
     def eof_received(self) -> bool:
         with self.lock:
-            if self.reading_paused and not self.lost:
-                # The engine (uring) may report the end of the stream while reading is paused, before the bytes it
-                # holds back; it reports it again after them once reading resumes. Until then the stream goes on.
-                return True
             self.peer_closed = True
             self._wake_gone()
             self._wake()
@@ -539,18 +534,9 @@ class HttpConnection:
         self.deadline, self.on_deadline = time.monotonic() + self.limits.send_timeout, self._cut
 
     def _cut(self) -> None:
-        """Abort the connection, also with a send stuck in the kernel: on uring the engine's ``abort()`` waits for
-        the final completion of a SEND that a client who reads nothing never lets finish, so the socket is shut down
-        under it (a dup of the fd, so that the engine's own stays its to close), which fails that send."""
+        """Abort the connection (the engine cancels a send stuck in the kernel for a client who reads nothing)."""
         self.must_close = True
-        fd = self.transport.fileno()
         self.transport.abort()
-        if fd >= 0:
-            try:
-                with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
-                    dup.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # closed meanwhile: nothing stuck
 
     def stop_if_idle(self) -> None:
         """The server is stopping: close now if no request is in progress or queued (the rest close after theirs)."""
