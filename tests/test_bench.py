@@ -184,7 +184,7 @@ def test_a_reference_without_its_package_is_skipped_with_the_reason(monkeypatch)
                         lambda name, *args: None if name == "granian" else real_find_spec(name, *args))
     specs = {spec.name: spec for spec in servers.http_reference_specs(types.SimpleNamespace(
         wants_reference=lambda name: name != "httptools-asyncio"))}
-    assert set(specs) == {"ref:uvicorn", "ref:granian", "ref:httptools-uvloop"}
+    assert set(specs) == {"ref:uvicorn", "ref:granian", "ref:httptools-uvloop", "ref:uvicorn-iokit"}
     assert specs["ref:granian"].argv is None and "granian not installed" in specs["ref:granian"].reason
     if "ref:uvicorn" in HTTP_REFERENCES:
         assert specs["ref:uvicorn"].argv[-4:] == ["--host", "127.0.0.1", "--port", "0"]

@@ -10,6 +10,8 @@ request body with the request's ``Content-Type`` (``application/octet-stream`` w
 * ``granian``: granian (Rust: hyper and tokio) running the same ASGI app, one worker, one runtime thread, uvloop,
   HTTP/1 only, no lifespan. Granian always runs its worker in a child process, so the bench measures the whole process
   tree (``processes.measure``).
+* ``uvicorn-iokit``: the same uvicorn, app and options on ``iokit.asyncio``'s loop (``--loop
+  iokit.asyncio:new_event_loop``; the backend is ``auto``, so uring here, or what ``IOKIT_BACKEND`` says).
 * ``httptools-uvloop`` and ``httptools-asyncio``: ours, the least Python an HTTP server can be (:class:`HttpProtocol`):
   an ``asyncio.Protocol`` feeding llhttp (through httptools), answering from ``on_message_complete`` with one write of
   head and body, the ``Date`` header formatted once a second; on uvloop, and on the stdlib loop. They are the floor for
@@ -30,10 +32,11 @@ import socket
 import threading
 import time
 
-SERVERS = ("uvicorn", "granian", "httptools-uvloop", "httptools-asyncio")
+SERVERS = ("uvicorn", "granian", "httptools-uvloop", "httptools-asyncio", "uvicorn-iokit")
 # What each server needs installed (its import name).
 REQUIRES = {"uvicorn": ("uvicorn", "uvloop", "httptools"), "granian": ("granian", "uvloop"),
-            "httptools-uvloop": ("httptools", "uvloop"), "httptools-asyncio": ("httptools",)}
+            "httptools-uvloop": ("httptools", "uvloop"), "httptools-asyncio": ("httptools",),
+            "uvicorn-iokit": ("uvicorn", "httptools")}
 GREETING = b"hello from iokit\n"
 GREETING_TYPE = b"text/plain; charset=utf-8"
 DEFAULT_ECHO_TYPE = b"application/octet-stream"
@@ -166,16 +169,16 @@ async def serve_protocol(protocol_factory, host: str, port: int, label: str) -> 
 
 # -- uvicorn and granian, started as their users start them -----------------------------------------------------------
 
-def run_uvicorn(host: str, port: int) -> None:
+def run_uvicorn(host: str, port: int, loop: str = "uvloop", label: str = "ref:uvicorn") -> None:
     import uvicorn
 
     class ReadyServer(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             bound_host, bound_port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"listening on {bound_host}:{bound_port} backend=ref:uvicorn", flush=True)
+            print(f"listening on {bound_host}:{bound_port} backend={label}", flush=True)
 
-    config = uvicorn.Config(asgi_app, host=host, port=port, loop="uvloop", http="httptools", lifespan="off",
+    config = uvicorn.Config(asgi_app, host=host, port=port, loop=loop, http="httptools", lifespan="off",
                             access_log=False, log_level="warning", interface="asgi3", backlog=4096)
     ReadyServer(config).run()
 
@@ -222,6 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.server == "uvicorn":
         run_uvicorn(args.host, args.port)
+    elif args.server == "uvicorn-iokit":
+        run_uvicorn(args.host, args.port, "iokit.asyncio:new_event_loop", "ref:uvicorn-iokit")
     elif args.server == "granian":
         run_granian(args.host, args.port)
     elif args.server == "httptools-uvloop":
