@@ -173,6 +173,11 @@ class StreamTransport:
         self._closing = False       # close() or abort() was called, or the connection failed
         self._closed_by_user = False
         self._send_scope: CancelScope | None = None
+        # One sender at a time, the writer or the reader: the reader sends what its own data_received wrote before
+        # it reads again (a response then costs no hand-off to the writer's thread on blocking), and while it runs
+        # the callback a write() does not wake the writer (under the queue lock, both).
+        self._sending = False
+        self._in_callback = False
         self._aborting = False
         self._eof_to_send = False
         self._lost_error: BaseException | None = None
@@ -217,7 +222,46 @@ class StreamTransport:
                     if not keep:
                         self._close()
                     return
-                self._call(self._protocol.data_received, data)
+                self._in_callback = True
+                try:
+                    self._call(self._protocol.data_received, data)
+                finally:
+                    with self._queue_lock:
+                        self._in_callback = False
+                        data = self._take_queue()
+                if data and not await self._send(data):
+                    return
+
+    def _take_queue(self) -> bytearray:
+        """Under the queue lock: what is queued, for the caller to send, unless a send is in progress (then its
+        sender looks again after it)."""
+        if self._sending or self._aborting or not self._queue:
+            return bytearray()
+        data, self._queue = self._queue, bytearray()
+        self._sending = True
+        return data
+
+    async def _send(self, data) -> bool:
+        """Send ``data`` (taken with ``_take_queue``); return False when the connection is over."""
+        self._send_scope = CancelScope()  # abort() cuts a send in progress short
+        try:
+            with self._send_scope:
+                await self._stream.sendall(data)
+        except OSError as error:
+            self._fail(error)
+            return False
+        finally:
+            with self._queue_lock:
+                self._sending = False
+                more = bool(self._queue)
+            if more or self._closing or self._eof_to_send:
+                self._to_write.set()  # queued meanwhile, or a close waits: the writer looks again
+        if self._send_scope.cancelled_caught:
+            return False
+        if self._writing_paused and len(self._queue) <= self._low:
+            self._writing_paused = False
+            self._call(getattr(self._protocol, "resume_writing", None))
+        return True
 
     async def _write_loop(self) -> None:
         while True:
@@ -225,20 +269,14 @@ class StreamTransport:
             if self._aborting:
                 return
             with self._queue_lock:
-                data, self._queue = self._queue, bytearray()
+                data = self._take_queue()
+                reader_sending = not data and self._sending
             if data:
-                self._send_scope = CancelScope()  # abort() cuts a send in progress short
-                try:
-                    with self._send_scope:
-                        await self._stream.sendall(data)
-                except OSError as error:
-                    self._fail(error)
+                if not await self._send(data):
                     return
-                if self._send_scope.cancelled_caught:
-                    return
-                if self._writing_paused and len(self._queue) <= self._low:
-                    self._writing_paused = False
-                    self._call(getattr(self._protocol, "resume_writing", None))
+                continue
+            if reader_sending:  # its send ends with a wake-up of ours; a close must not cut it short
+                await self._to_write.wait()
                 continue
             if self._eof_to_send:
                 self._eof_to_send = False
@@ -276,7 +314,9 @@ class StreamTransport:
         with self._queue_lock:
             self._queue += data
             queued = len(self._queue)
-        self._to_write.set()
+            reader_sends_it = self._in_callback
+        if not reader_sends_it:
+            self._to_write.set()
         if not self._writing_paused and queued > self._high:
             self._writing_paused = True
             self._call(getattr(self._protocol, "pause_writing", None))
