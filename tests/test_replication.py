@@ -10,15 +10,18 @@ server with ``--accept-replication``), on every backend.
   a copy back.
 * **the proof**: ``kill -9`` the primary mid-upload and delete its storage; our client fails over to the replica and
   resumes at the same path. In sync mode no acknowledged byte is missing (a few trials here, 20 in the slow set); in
-  async mode what is missing is at most the lag the primary reported, plus what it acknowledged after that report.
+  async mode what is missing is at most the lag the primary reported, plus what it acknowledged after that report was
+  asked for (``LagReport``: the lag is computed while the request is answered, not when the answer is read).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -95,6 +98,37 @@ def replica_stats(server) -> dict:
     status, _, body = tus(server, "GET", "/stats")
     assert status == 200, body
     return json.loads(body)["replication"]["replicas"][0]
+
+
+class LagReport:
+    """``GET /stats`` of an async primary in two steps, ``ask()`` then ``answer()``, and the moment it describes.
+
+    The primary computes the lag while it answers, so a chunk it acknowledges after that (while the answer is on its
+    way, or read late by a busy client) is not in it: what a kill can lose is the lag plus what was acknowledged since
+    the report was *asked for* (``asked_at``), not since its answer was read (issue 20: counted from the answer, a
+    trial lost a chunk acknowledged 1.8 ms after the lag was computed and 3.9 ms before the answer was read, at lag 0)."""
+
+    def __init__(self, server):
+        self.connection = http.client.HTTPConnection(*server.address, timeout=30)
+        self.asked_at = 0.0
+
+    def ask(self) -> "LagReport":
+        self.asked_at = time.time()
+        self.connection.request("GET", "/stats")
+        return self
+
+    def answer_is_computed(self, timeout: float) -> bool:
+        """Whether the answer has arrived (so the lag in it is computed), without reading it."""
+        return bool(select.select([self.connection.sock], [], [], timeout)[0])
+
+    def answer(self) -> dict:
+        try:
+            response = self.connection.getresponse()
+            body = response.read()
+            assert response.status == 200, body
+            return json.loads(body)["replication"]["replicas"][0]
+        finally:
+            self.connection.close()
 
 
 def upload_with_client(server, source: str, *arguments: str, timeout: float = 60) -> str:
@@ -344,8 +378,8 @@ def kill_primary_trial(backend: str, mode: str, work: str, seed: int) -> dict:
             offset >= kill_after for _, _, offset, _ in read_ack_log(ack_log)), timeout=30), \
             f"seed {seed}: no acknowledgement past {kill_after}\n{primary.stderr_text}\n{replica.stderr_text}"
         time.sleep(extra_delay)
-        reported = replica_stats(primary) if mode == "async" else {"lag_bytes": 0}
-        reported_at = time.time()
+        report = LagReport(primary).ask()  # sync mode has no backlog: 0
+        reported_lag = report.answer()["lag_bytes"]
         killed_at = time.time()
         assert primary.stop(signal.SIGKILL) == -signal.SIGKILL, f"seed {seed}: {primary.stderr_text}"
         shutil.rmtree(primary_dir)
@@ -358,17 +392,27 @@ def kill_primary_trial(backend: str, mode: str, work: str, seed: int) -> dict:
             client.wait()
         primary.close()
         replica.close()
-    events = read_ack_log(ack_log)
+    return {"seed": seed, "kill_after": kill_after,
+            **loss_figures(read_ack_log(ack_log), killed_at, reported_lag, report.asked_at)}
+
+
+def loss_figures(events, killed_at: float, reported_lag: int, reported_at: float) -> dict:
+    """From an ack log's events: the offset the primary acknowledged last before the kill, the one the replica resumed
+    at, the bytes lost, and the bytes acknowledged after ``reported_at``, which the lag may not hold. ``reported_at``
+    must not be later than the moment the lag was computed (``LagReport.asked_at``): whatever was acknowledged by then
+    is either in the lag or on the replica."""
     first_resume = next(index for index, (event, when, _, _) in enumerate(events)
                         if event == "resume" and when > killed_at)
-    acknowledged = max((offset for event, _, offset, _ in events[:first_resume] if event == "ack"), default=0)
-    acknowledged_after_report = acknowledged - max(
-        (offset for event, when, offset, _ in events[:first_resume] if event == "ack" and when <= reported_at),
-        default=0)
+    acks = [(when, offset) for event, when, offset, _ in events[:first_resume] if event == "ack"]
+    acknowledged = max((offset for _, offset in acks), default=0)
     resumed = events[first_resume][2]
-    return {"seed": seed, "kill_after": kill_after, "acknowledged": acknowledged, "resumed": resumed,
-            "lost": max(0, acknowledged - resumed), "reported_lag": reported["lag_bytes"],
-            "acknowledged_after_report": acknowledged_after_report}
+    return {"acknowledged": acknowledged, "resumed": resumed, "lost": max(0, acknowledged - resumed),
+            "reported_lag": reported_lag, "acknowledged_after_report":
+            acknowledged - max((offset for when, offset in acks if when <= reported_at), default=0)}
+
+
+def within_the_reported_lag(figures: dict) -> bool:
+    return figures["lost"] <= figures["reported_lag"] + figures["acknowledged_after_report"]
 
 
 def run_kill_trials(backend: str, mode: str, trials: int, tmp_path) -> list[dict]:
@@ -401,6 +445,44 @@ def test_sync_kill_9_primary_loses_no_acknowledged_byte(backend, trials, tmp_pat
 @pytest.mark.parametrize("backend", KILL_BACKEND_PARAMS)
 def test_async_kill_9_primary_loses_at_most_the_reported_lag(backend, trials, tmp_path):
     results = run_kill_trials(backend, "async", trials, tmp_path)
-    over = [result for result in results
-            if result["lost"] > result["reported_lag"] + result["acknowledged_after_report"]]
+    over = [result for result in results if not within_the_reported_lag(result)]
     assert not over, results
+
+
+def test_async_a_chunk_acknowledged_while_the_lag_is_reported_is_counted_after_the_report(backend_name, fast_dir):
+    """Issue 20's lost chunk at a reported lag of 0, made to happen: the primary computes the lag (0) and writes its
+    answer; before the answer is read, a chunk is acknowledged that the replica (stopped meanwhile) does not get; then
+    the primary is killed. The loss is that chunk, the lag read says 0, and the bound the trials check holds because
+    it counts what was acknowledged since the report was asked for (counted from when the answer was read, it fails)."""
+    chunk = 64 * KIB
+    replica = StoppableReplica(backend_name, os.path.join(fast_dir, f"replica-report-{backend_name}"))
+    primary_dir = os.path.join(fast_dir, f"primary-report-{backend_name}")
+    primary = start_primary(backend_name, primary_dir, replica.process, "async", "--replica-timeout", "1")
+    events = []
+
+    def acknowledged(offset: int, data: bytes) -> None:
+        status, headers, body = patch(primary, path, offset, data)
+        assert status == 204, body
+        events.append(("ack", time.time(), int(headers["upload-offset"]), int(headers["iokit-durable-offset"])))
+    try:
+        primary.start()
+        path = create(primary, 2 * chunk)
+        acknowledged(0, b"a" * chunk)
+        assert wait_until(lambda: replica_stats(primary)["lag_bytes"] == 0, timeout=10)
+        report = LagReport(primary).ask()
+        assert report.answer_is_computed(timeout=10)
+        replica.stop()  # the next chunk cannot reach it before the kill
+        acknowledged(chunk, b"b" * chunk)
+        reported_lag = report.answer()["lag_bytes"]
+        killed_at = time.time()
+        assert primary.stop(signal.SIGKILL) == -signal.SIGKILL, primary.stderr_text
+        shutil.rmtree(primary_dir)
+        replica.restart()
+        resumed = offset_of(replica.process, path)
+        events.append(("resume", time.time(), resumed, resumed))
+    finally:
+        primary.close()
+        replica.close()
+    figures = loss_figures(events, killed_at, reported_lag, report.asked_at)
+    assert figures["lost"] == chunk and figures["reported_lag"] == 0, figures
+    assert figures["acknowledged_after_report"] == chunk and within_the_reported_lag(figures), figures
