@@ -22,18 +22,21 @@ Two modes, the seed's two kinds of asynchrony side by side:
   replica's lag, in bytes and in seconds (the age of the oldest unshipped chunk).
 
 What the primary believes about a replica is ``confirmed``: per upload, the offset below which the replica's bytes are
-the primary's own (each 204 of the replica moves it; at start, what the primary holds). After any failure the primary
-no longer knows where the replica stands, and asks: HEAD the replica (404: create it there), and go on from the smaller
-of its offset and ``confirmed``. The replica can be *ahead*: a chunk it made durable whose 204 never reached the
-primary (a timeout), which the primary then took back, and the client may send other bytes in its place. The primary then sends ``Iokit-Rewind: 1`` with the PATCH at its own offset,
-and the replica cuts its copy back first. The same path catches up a replica that restarted (it resumes from the
-offset it kept) and one that was away while uploads were created (404, so created). At start the primary queues every
-upload it holds (async mode), so what was not shipped before a restart is shipped after it. An idle link asks its
-replica every second for its epoch (``GET /stats``: a new one each time its store opens); a replica that restarted
-may have lost what its own durability had not kept, even of finished uploads, so every upload is checked there again
-(async mode; in sync mode the next chunk of each upload asks first).
-When the primary takes a chunk back (sync), every replica's ``confirmed`` falls to the chunk's start, also on the
-replicas that did take it.
+the primary's own (each 204 of the replica moves it; at start, what the primary holds). A belief the replica has not
+backed (at start; after the replica restarted) is ``unverified`` until the replica answered a HEAD: the lag counts such
+an upload whole, since the replica may lack any of it (a primary killed with a backlog, then started again, reported 0
+before). After any failure the primary no longer knows where the replica stands, and asks: HEAD the replica (404: create
+it there; a final upload by joining its parts there, or, if they are gone here and not whole there, from its own bytes),
+and go on from the smaller of its offset and ``confirmed``. The replica can be *ahead*: a chunk it made durable whose
+204 never reached the primary (a timeout), which the primary then took back, and the client may send other bytes in its
+place. The primary then sends ``Iokit-Rewind: 1`` with the PATCH at its own offset, and the replica cuts its copy back
+first. The same path catches up a replica that restarted (it resumes from the offset it kept) and one that was away
+while uploads were created (404, so created). At start the primary queues every upload it holds (async mode), so what
+was not shipped before a restart is shipped after it. An idle link asks its replica every second for its epoch
+(``GET /stats``: a new one each time its store opens); a replica that restarted may have lost what its own durability
+had not kept, even of finished uploads, so every upload is checked there again (async mode; in sync mode the next chunk
+of each upload asks first). When the primary takes a chunk back (sync), every replica's ``confirmed`` falls to the
+chunk's start, also on the replicas that did take it.
 
 One connection per replica for the shipments, one exchange at a time (the probe has its own): in sync mode concurrent
 uploads take turns on it (a limit, not a rule: a pool of connections would lift it).
@@ -110,6 +113,8 @@ class ReplicaLink:
         self.probe_connection = HttpConnection(Endpoint.from_url(url), min(timeout, PROBE_INTERVAL))
         self.confirmed: dict[str, int] = {}  # per upload: below this, whatever the replica holds is the primary's
         self.in_step: set[str] = set()       # uploads whose replica offset *is* ``confirmed`` (else: HEAD it first)
+        self.unverified: set[str] = set()    # uploads whose ``confirmed`` the replica has not backed: the lag counts
+        #                                      them whole until it answers a HEAD (at start; after it restarted)
         self.exchange_lock = iokit.Lock()
         self.backlog: collections.deque[_Pending] = collections.deque()
         self.backlog_bytes = 0
@@ -156,6 +161,7 @@ class ReplicaLink:
             rewind = replica_offset > offset  # it holds bytes we cannot vouch for: cut them off first
             self.confirmed[upload.id] = offset
             self.in_step.add(upload.id)
+            self.unverified.discard(upload.id)
         while offset < end or rewind:
             size = min(SHIPMENT_BYTES, end - offset)
             headers = [("Tus-Resumable", TUS_VERSION), ("Content-Type", protocol.PATCH_CONTENT_TYPE),
@@ -196,10 +202,12 @@ class ReplicaLink:
         if upload.metadata:
             headers.append(("Upload-Metadata", protocol.encode_metadata(upload.metadata)))
         if upload.concat is not None and upload.concat.kind == "final":
-            for part_id in upload.concat.part_ids:  # the parts first, whole: the replica joins them itself
-                part = await self.store.lookup(part_id)
-                await self._ship(part, part.length)
-            headers.append(("Upload-Concat", upload.concat.header_value()))
+            response = await self._join_there(upload, headers)
+            if response is not None:
+                return int(response.headers.get("upload-offset", "0")), True
+            # Its parts are gone here (deleted or expired once joined) and not whole there: the final's own bytes go,
+            # as a plain upload of its id (the replica's copy lacks the final's Upload-Concat, not a byte).
+            headers.append(("Upload-Length", str(upload.length)))
         else:
             headers.append(("Upload-Length", str(upload.length)))
             if upload.concat is not None:
@@ -208,6 +216,24 @@ class ReplicaLink:
         if response.status != 201:
             raise ReplicaFailed(f"creating {upload.id}: {response.status} {response.body[:200]!r}")
         return int(response.headers.get("upload-offset", "0")), True
+
+    async def _join_there(self, upload: Upload, headers: list[tuple[str, str]]):
+        """Create the final ``upload`` on the replica as it was made here, by joining its parts there (each made whole
+        there first). Return the 201, or ``None`` if the replica cannot join them: a part deleted or expired here
+        before the replica had it whole (the final acknowledged it all the same, so its bytes must still go)."""
+        for part_id in upload.concat.part_ids:
+            try:
+                part = await self.store.lookup(part_id)
+            except HttpError:  # gone here since the final was made: the replica may hold it whole all the same
+                continue
+            await self._ship(part, part.length)
+        response = await self.connection.request(
+            "POST", protocol.COLLECTION_PATH, [*headers, ("Upload-Concat", upload.concat.header_value())])
+        if response.status == 201:
+            return response
+        if response.status in (400, 404, 410):  # a part it lacks, or holds only in part
+            return None
+        raise ReplicaFailed(f"joining {upload.id}: {response.status} {response.body[:200]!r}")
 
     def took_back(self, upload_id: str, offset: int) -> None:
         """The primary cut ``upload_id`` back to ``offset`` (a chunk another replica did not confirm): whatever this
@@ -229,6 +255,7 @@ class ReplicaLink:
         if restarted:
             _log(f"{self.url} restarted; checking every upload there")
             self.in_step.clear()
+            self.unverified.update(self.confirmed)  # it may have lost what its own durability had not kept
         return restarted
 
     async def delete(self, upload_id: str) -> None:
@@ -236,6 +263,7 @@ class ReplicaLink:
         async with self.exchange_lock:
             self.confirmed.pop(upload_id, None)
             self.in_step.discard(upload_id)
+            self.unverified.discard(upload_id)
             try:
                 response = await self.connection.request("DELETE", upload_path(upload_id),
                                                          [("Tus-Resumable", TUS_VERSION)])
@@ -255,16 +283,17 @@ class ReplicaLink:
 
     def lag(self) -> tuple[int, float]:
         """Return (bytes accepted by the primary and not confirmed by this replica, seconds the oldest unshipped
-        chunk waits). The bytes count from ``confirmed``, not from the backlog's entries: after a restart of either
-        side the replica may be further behind than the chunks queued since, and the lag must not hide it (it is an
-        upper bound of what losing the primary now would lose)."""
+        chunk waits). The bytes count from ``confirmed``, not from the backlog's entries, and from 0 while it is
+        ``unverified``: after a restart of either side the replica may be further behind than the chunks queued since,
+        and the lag must not hide it (it is an upper bound of what losing the primary now would lose)."""
         with self.backlog_lock:
             oldest = self.backlog[0].enqueued_at if self.backlog else None
             wanted: dict[str, int] = {}
             for entry in self.backlog:
                 if not entry.delete:
                     wanted[entry.upload.id] = max(wanted.get(entry.upload.id, 0), entry.end)
-        behind = sum(max(0, end - self.confirmed.get(upload_id, 0)) for upload_id, end in wanted.items())
+        behind = sum(max(0, end - (0 if upload_id in self.unverified else self.confirmed.get(upload_id, 0)))
+                     for upload_id, end in wanted.items())
         return behind, 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     async def run_sender(self) -> None:
@@ -295,7 +324,7 @@ class ReplicaLink:
                 await iokit.sleep(RETRY_PAUSES[min(failures, len(RETRY_PAUSES) - 1)])
                 failures += 1
                 continue
-            except HttpError:  # a part of a final upload was removed meanwhile: nothing left to ship
+            except HttpError:  # the upload was removed here (deleted, expired) while it was shipped: nothing to ship
                 pass
             failures = 0
             with self.backlog_lock:
@@ -448,7 +477,9 @@ class Replication:
         primary ships what it had not shipped)."""
         for upload in self.store.uploads():  # what we hold now was ours all along: a replica's copy of it is too
             for link in self.links:
-                link.confirmed.setdefault(upload.id, upload.offset)
+                if upload.id not in link.confirmed:
+                    link.confirmed[upload.id] = upload.offset
+                    link.unverified.add(upload.id)  # but whether the replica has it, only the replica can say
         if self.mode is not ReplicationMode.ASYNC:
             async with iokit.TaskGroup() as tasks:
                 for link in self.links:
