@@ -34,7 +34,7 @@ from ._errors import Cancelled
 from .runtime import CancelScope, Event, TaskGroup, current_task
 from .streams import Listener, SocketStream, connect_tcp
 
-__all__ = ["Protocol", "StreamTransport", "connect", "drive", "serve"]
+__all__ = ["Connections", "Protocol", "StreamTransport", "attach", "connect", "drive", "serve"]
 
 DEFAULT_HIGH_WATER = 64 * 1024
 ProtocolFactory = Callable[[], Any]
@@ -63,13 +63,17 @@ class Protocol:
         pass
 
 
-class _Connections:
-    """The transports a ``serve`` or ``connect`` owns, until each has been closed."""
+class Connections:
+    """The transports a ``drive``, ``connect`` or server owns, until each has been closed; ``on_closed(transport)``,
+    if given, is called as each closes."""
 
-    def __init__(self) -> None:
+    __slots__ = ("open", "all_closed", "_on_closed")
+
+    def __init__(self, on_closed: Callable[[Any], None] | None = None) -> None:
         self.open: set = set()
         self.all_closed = Event()
         self.all_closed.set()
+        self._on_closed = on_closed
 
     def add(self, transport) -> None:
         if transport.fileno() >= 0:  # an engine transport that connection_made closed at once has had its close
@@ -80,6 +84,8 @@ class _Connections:
         self.open.discard(transport)
         if not self.open:
             self.all_closed.set()
+        if self._on_closed is not None:
+            self._on_closed(transport)
 
     async def abort_all(self) -> None:
         with CancelScope(shield=True):
@@ -97,8 +103,11 @@ def _extra_info(sock: socket.socket) -> dict:
     return extra
 
 
-def _attach(stream: SocketStream, protocol, connections: _Connections):
-    """Hand the stream's socket to the engine, which calls ``protocol`` from now on; return the transport."""
+def attach(stream: SocketStream, protocol, connections: Connections):
+    """Hand the stream's socket to the engine (``stream`` must be on one: epoll, uring), which calls ``protocol``
+    from now on, as the current task; return the transport, one of ``connections`` until it closes. No task waits
+    for it: a server that attaches its connections in its accept loop spends no task on each (``drive`` is the
+    same with a task that waits)."""
     extra = _extra_info(stream.socket)
     fd = stream.socket.detach()
     transport = stream._engine.attach_protocol(fd, protocol, current_task(), extra, connections.closed)
@@ -109,7 +118,7 @@ def _attach(stream: SocketStream, protocol, connections: _Connections):
 async def drive(stream: SocketStream, protocol) -> None:
     """Run ``protocol`` on ``stream``'s connection until it is closed (by the protocol, the peer, or a failure);
     return after ``connection_lost``. Cancelling aborts the connection (and still waits for ``connection_lost``)."""
-    connections = _Connections()
+    connections = Connections()
     if stream._engine is None:
         transport = StreamTransport(stream, protocol, connections.closed)
         connections.add(transport)
@@ -118,7 +127,7 @@ async def drive(stream: SocketStream, protocol) -> None:
         finally:
             await connections.abort_all()
         return
-    _attach(stream, protocol, connections)
+    attach(stream, protocol, connections)
     try:
         await connections.all_closed.wait()  # parked: no task runs per message, the engine calls the protocol
     finally:
@@ -141,7 +150,7 @@ async def connect(host: str, port: int, protocol_factory: ProtocolFactory):
     stream = await connect_tcp(host, port)
     protocol = protocol_factory()
     if stream._engine is not None:
-        return _attach(stream, protocol, _Connections()), protocol
+        return attach(stream, protocol, Connections()), protocol
     transport = StreamTransport(stream, protocol)
     runtime = current_task().runtime
     runtime.new_task(transport._run, (), "protocol", None, runtime.root_scope)

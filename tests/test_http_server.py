@@ -7,6 +7,7 @@ other limits (a connection cap of 4, a short idle timeout) or that stop the serv
 
 from __future__ import annotations
 
+import gc
 import json
 import queue
 import re
@@ -457,6 +458,22 @@ def build_api_app(stop, record: dict) -> App:
         record["hold"] = "the client went away"
         return Response(204)
 
+    @app.route("GET", "/stream-fails")
+    async def stream_fails(request):
+        async def pieces():
+            yield b"the first piece\n"
+            await iokit.sleep(0.01)
+            raise RuntimeError("a body bug, on purpose")
+        return Response(200, pieces(), content_type="text/plain")
+
+    @app.route("GET", "/finish-after-leaving")
+    async def finish_after_leaving(request):
+        await request.wait_disconnected()
+        with iokit.CancelScope(shield=True):  # work that must end even when the server stops (a commit, say)
+            await iokit.sleep(0.5)
+        record["finished after leaving"] = True
+        return Response(204)
+
     @app.route("GET", "/fail")
     async def fail(request):
         raise RuntimeError("a handler bug, on purpose")
@@ -477,6 +494,7 @@ class InProcessServer:
     """``serve_listener`` with the API app on a thread; ``record`` is what its handlers saw."""
 
     def __init__(self, backend: str):
+        self.backend = backend
         self.record: dict = {}
         self._address: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=iokit.run, args=(self._main,), kwargs={"backend": backend})
@@ -487,6 +505,7 @@ class InProcessServer:
         stop = iokit.Event()
         limits = HttpLimits(header_timeout=1, body_read_timeout=0.5)
         listener = await iokit.open_tcp_listener("127.0.0.1", 0)
+        self.runtime = iokit.current_task().runtime
         self._address.put(listener.address)
         await serve.serve_listener(listener, HttpServer(build_api_app(stop, self.record), limits), stop, 2.0)
 
@@ -557,6 +576,59 @@ def test_a_failing_handler_gets_a_json_500(api_server, path):
         connection.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode())
         status, headers, body = parse_one(read_until_closed(connection))
     assert status == 500 and json.loads(body)["error"] == "internal_server_error"
+
+
+def test_a_streamed_body_that_fails_cuts_its_response_short_and_closes(api_server):
+    # Before: the connection stayed open with the response unfinished, and the client waited for ever.
+    with socket.create_connection(api_server.address, timeout=5) as connection:
+        connection.sendall(b"GET /stream-fails HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, _, body = read_until_closed(connection).partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head and body.startswith(b"10\r\nthe first piece\n\r\n")
+    assert not body.endswith(b"0\r\n\r\n")  # no last chunk: the client can tell the response is cut short
+    assert _get_status_of(api_server.address) == 200  # the server goes on
+
+
+def _get_status_of(address) -> int:
+    with socket.create_connection(address, timeout=5) as connection:
+        connection.sendall(b"GET /stream?n=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        return parse_one(read_until_closed(connection))[0]
+
+
+def test_held_requests_on_the_engine_cost_no_task_per_connection(api_server):
+    if api_server.backend not in ("epoll", "uring"):
+        pytest.skip("blocking and threads drive each connection with its own tasks (threads)")
+    from iokit.runtime.tasks import Task
+
+    def tasks_now() -> int:  # this server's unfinished tasks (another backend's server may run in this process)
+        gc.collect()
+        return sum(isinstance(thing, Task) and thing.runtime is api_server.runtime and not thing.finished
+                   for thing in gc.get_objects())
+
+    held = 50
+    before = tasks_now()
+    connections = [socket.create_connection(api_server.address, timeout=10) for _ in range(held)]
+    try:
+        for connection in connections:
+            connection.sendall(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert wait_until(lambda: tasks_now() - before >= held, timeout=10)
+        time.sleep(0.2)
+        # One task per held request (its handler waits), none for its connection: a task for each connection
+        # waiting on its transport made this 2 per held request before.
+        assert tasks_now() - before <= held + 5
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def test_the_stop_waits_for_a_handler_whose_client_has_left(backend_name):
+    server = InProcessServer(backend_name)
+    with socket.create_connection(server.address, timeout=5) as connection:
+        connection.sendall(b"GET /finish-after-leaving HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.2)
+    time.sleep(0.05)  # the connection is gone; its handler goes on (0.5 s, shielded)
+    server.stop()
+    # serve_listener returned (the thread ended) only after that handler had.
+    assert server.record.get("finished after leaving") is True
 
 
 def read_response(connection: socket.socket) -> bytes:

@@ -39,7 +39,7 @@ import types
 import iokit
 
 from .._errors import Cancelled
-from ..runtime import LOCK, CancelScope, LoopDriver, current_task, set_current_task
+from ..runtime import LOCK, CancelScope, Event, LoopDriver, current_task, set_current_task
 from ..shutdown import STOP_LINGER
 from .errors import BodyIncomplete, HttpError
 from .messages import END_OF_MESSAGE, BodyChunk, RequestHead
@@ -76,6 +76,35 @@ def _resumed(coro, trap):
 
 async def _placeholder() -> None:
     pass
+
+
+class HandlerTasks:
+    """A server's handler tasks (the handlers that waited), from their start until they finish: ``all_finished()``
+    waits for them. The runtime tells it of each end, as it tells a task group (``_child_finished``); but a handler
+    that fails is logged, and nothing else is cancelled: each request is on its own."""
+
+    __slots__ = ("running", "_none_running")
+
+    def __init__(self) -> None:
+        self.running: set = set()
+        self._none_running = Event()
+        self._none_running.set()
+
+    def started(self, task) -> None:
+        with LOCK:
+            self.running.add(task)
+            self._none_running.clear()
+
+    def _child_finished(self, task, error: BaseException | None) -> None:
+        # Under LOCK, from the finishing task's thread (drivers.py).
+        self.running.discard(task)
+        if error is not None and not isinstance(error, Cancelled):
+            log.error("a request's task failed", exc_info=error)
+        if not self.running:
+            self._none_running.set()
+
+    async def all_finished(self) -> None:
+        await self._none_running.wait()
 
 
 def _forget_task(task) -> None:
@@ -131,7 +160,7 @@ class HttpConnection:
                  "send_deadline", "server", "shutdown", "task", "transport", "write_left", "write_paused",
                  "write_progress_at")
 
-    def __init__(self, server, shutdown) -> None:
+    def __init__(self, server, shutdown, scope=None) -> None:
         self.server = server
         self.limits = server.limits
         self.shutdown = shutdown
@@ -139,7 +168,7 @@ class HttpConnection:
         self.lock = threading.RLock()
         self.transport = None
         self.peer = None
-        self.parent_scope = None      # where this connection's handler tasks hang in the scope tree
+        self.parent_scope = scope     # where this connection's handler tasks hang in the scope tree
         self.request = None           # the request in progress: from its head until its response is written
         self.task = None              # the task running it, when its handler waited or its body streams
         self._spare = None            # a Task made but not started: the next handler runs as it
@@ -169,7 +198,8 @@ class HttpConnection:
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
-        self.parent_scope = current_task().scope
+        if self.parent_scope is None:  # driven by a task of its own: under it
+            self.parent_scope = current_task().scope
         self.server._timers.watch(self)
         with self.lock:
             self._await_next()
@@ -320,7 +350,8 @@ class HttpConnection:
 
     def _new_spare(self):
         runtime = current_task().runtime
-        task = self._spare = runtime.new_task(_placeholder, (), "http-request", None, self.parent_scope, start=False)
+        task = self._spare = runtime.new_task(_placeholder, (), "http-request", self.server.handlers,
+                                              self.parent_scope, start=False)
         task.coro.close()  # its coroutine is set when it starts
         return task
 
@@ -330,6 +361,7 @@ class HttpConnection:
         thread driver the task's thread yields it first."""
         self.task = task
         task.coro = coro
+        self.server.handlers.started(task)
         runtime = task.runtime
         if trap is not None and isinstance(runtime, LoopDriver):
             previous = current_task()
@@ -424,6 +456,10 @@ class HttpConnection:
             raise
         except OSError:
             self._abandon()
+            return
+        except Exception as error:  # noqa: BLE001 - a streamed body that failed: the response can only be cut short
+            log.error("the body of the response to %s %s failed", request.method, request.path, exc_info=error)
+            self._abandon()  # closing without the last chunk (or short of Content-Length) tells the client
             return
         finally:
             if self.task is current_task():

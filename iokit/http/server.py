@@ -31,7 +31,7 @@ import iokit
 
 from .. import protocols
 from ..shutdown import Shutdown, close_gracefully
-from .connection import HttpConnection, _Timers, error_bytes, timer_tick
+from .connection import HandlerTasks, HttpConnection, _Timers, error_bytes, timer_tick
 from .errors import HttpError
 from .limits import DEFAULT_LIMITS, HttpLimits
 from .messages import Headers, RequestHead
@@ -169,25 +169,29 @@ class HttpServer:
         self.allow = app.allowed_methods()  # the Allow value for a method no route knows
         self.request_type = Request          # what a connection makes of each head
         self._timers = _Timers(timer_tick(limits))
+        self.handlers = HandlerTasks()       # the handlers that waited, as tasks: a stop waits for them
         self._stops_watched: list[Shutdown] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(self):
         """The service's lifespan (``iokit.serve.Service``): the timer task of the connections' deadlines runs in it,
-        around the application's own ``lifespan``, if it gave one."""
+        around the application's own ``lifespan``, if it gave one. It ends once every handler task has (those of
+        attached connections have no connection task to wait for them)."""
         async with iokit.TaskGroup() as group:
             self._timers.run_in(group)
             try:
                 async with self._lifespan() if self._lifespan is not None else contextlib.nullcontext():
-                    yield
+                    try:
+                        yield
+                    finally:
+                        with iokit.CancelScope(shield=True):
+                            await self.handlers.all_finished()
             finally:
                 group.cancel_scope.cancel()
 
     async def handle_connection(self, stream, shutdown: Shutdown) -> None:
         """Serve requests on ``stream`` until either side closes, a limit is hit, or the server stops."""
-        if shutdown not in self._stops_watched:
-            self._stops_watched.append(shutdown)
-            shutdown.on_stop(self._stop_idle_connections)
+        self._watch(shutdown)
         connection = HttpConnection(self, shutdown)
         try:
             await protocols.drive(stream, connection)
@@ -196,6 +200,18 @@ class HttpServer:
             task = connection.task
             if task is not None and not task.finished:
                 await task.wait()  # a handler still running (its client left, or the server is cancelling it)
+
+    def attach_connection(self, stream, shutdown: Shutdown, connections, scope) -> None:
+        """Serve requests on ``stream`` as ``handle_connection`` does, from the engine's callbacks alone: no task
+        waits for the connection (``iokit.serve``'s accept loop calls this on epoll and uring). A handler that waits
+        becomes a task in ``scope``; ``connections`` has the transport until it closes."""
+        self._watch(shutdown)
+        protocols.attach(stream, HttpConnection(self, shutdown, scope), connections)
+
+    def _watch(self, shutdown: Shutdown) -> None:
+        if shutdown not in self._stops_watched:
+            self._stops_watched.append(shutdown)
+            shutdown.on_stop(self._stop_idle_connections)
 
     def _stop_idle_connections(self) -> None:
         for connection in list(self._timers.connections):

@@ -69,6 +69,10 @@ class Service(Protocol):
       process's memory; ``main`` then refuses ``--workers`` above 1.
     * ``send_buffer_bytes`` (default ``None``: the kernel's autotuning): ``SO_SNDBUF`` for every accepted connection,
       for a service that bounds what it queues per client and must not have the kernel queue megabytes more.
+    * ``attach_connection(stream, shutdown, connections, scope)`` (default: none): on epoll and uring, called from the
+      accept loop instead of a task running ``handle_connection``, for a service that hands its connections to the
+      engine as protocols (``iokit.protocols.attach`` into ``connections``; tasks it starts go in ``scope``). It
+      spends no task on a connection; ``HttpServer`` has it.
     """
 
     max_connections: int

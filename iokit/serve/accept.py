@@ -13,6 +13,7 @@ from typing import Callable
 
 import iokit
 
+from .. import protocols
 from ..shutdown import Shutdown
 from .flags import UsageError, format_address
 
@@ -48,20 +49,29 @@ async def serve_listener(listener, service, stop, shutdown_grace: float,
     The service's ``lifespan()``, if it has one, is entered first and exited last, once every connection is closed;
     ``ready()`` is called in between, just before the first accept. This is the server without the process around it,
     for embedding one in a program or a test.
+
+    Each connection is served by a task running ``service.handle_connection(stream, shutdown)``; on the native engine
+    a service with ``attach_connection(stream, shutdown, connections, scope)`` instead attaches it to the engine from
+    the accept loop, and no task waits for it (a held request then costs no task for its connection: its handler, if
+    it waits, is a task in ``scope``). Those connections are aborted as the serving ends, as a task's would be.
     """
     shutdown = Shutdown()
+    attached = protocols.Connections(on_closed=lambda transport: shutdown._closed())
     lifespan = getattr(service, "lifespan", None)
     try:
         async with lifespan() if lifespan is not None else contextlib.nullcontext():
             async with iokit.TaskGroup() as tasks:
-                tasks.spawn(_accept_loop, listener, service, shutdown, tasks, name="accept")
-                if ready is not None:
-                    ready()
-                await _wait_for_stop(stop)
-                shutdown.begin()
-                with iokit.move_on_after(shutdown_grace):
-                    await shutdown.wait_all_closed()
-                tasks.cancel_scope.cancel()
+                tasks.spawn(_accept_loop, listener, service, shutdown, tasks, attached, name="accept")
+                try:
+                    if ready is not None:
+                        ready()
+                    await _wait_for_stop(stop)
+                    shutdown.begin()
+                    with iokit.move_on_after(shutdown_grace):
+                        await shutdown.wait_all_closed()
+                finally:
+                    tasks.cancel_scope.cancel()
+                    await attached.abort_all()
     finally:
         await listener.aclose()  # the accept loop closes it as the stop begins; this is for a lifespan that failed
 
@@ -87,8 +97,9 @@ def _announce(address: tuple, backend_name: str, ready_fd: int | None) -> None:
         os.close(ready_fd)
 
 
-async def _accept_loop(listener, service, shutdown: Shutdown, tasks) -> None:
+async def _accept_loop(listener, service, shutdown: Shutdown, tasks, attached) -> None:
     send_buffer_bytes = getattr(service, "send_buffer_bytes", None)
+    attach = getattr(service, "attach_connection", None)
     try:
         while (stream := await _accept_one(listener, shutdown)) is not None:
             if shutdown.open_connections >= service.max_connections:
@@ -104,7 +115,10 @@ async def _accept_loop(listener, service, shutdown: Shutdown, tasks) -> None:
             if send_buffer_bytes is not None:
                 stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
             shutdown._opened()
-            tasks.spawn(_run_connection, service, stream, shutdown, name="connection")
+            if attach is not None and stream._engine is not None:
+                _attach_connection(attach, stream, shutdown, attached, tasks.cancel_scope)
+            else:
+                tasks.spawn(_run_connection, service, stream, shutdown, name="connection")
     finally:
         await listener.aclose()
 
@@ -121,6 +135,16 @@ async def _accept_one(listener, shutdown: Shutdown):
                 log.warning("accept failed: %s", error)
                 await iokit.sleep(0.05)
     return None
+
+
+def _attach_connection(attach, stream, shutdown: Shutdown, attached, scope) -> None:
+    try:
+        attach(stream, shutdown, attached, scope)
+    except Exception:  # noqa: BLE001 - this connection is lost, the server goes on
+        log.exception("a connection failed")
+        if stream.socket.fileno() >= 0:  # never handed to the engine, so its close is not counted yet
+            stream.socket.close()
+            shutdown._closed()
 
 
 async def _run_connection(service, stream, shutdown: Shutdown) -> None:
