@@ -48,8 +48,8 @@ import collections
 import dataclasses
 import enum
 import json
+import logging
 import math
-import sys
 import threading
 import time
 
@@ -60,6 +60,8 @@ from ..http.errors import HttpError
 from . import protocol
 from .protocol import TUS_VERSION, tus_error, upload_path
 from .store import Upload, UploadStore
+
+log = logging.getLogger("iokit.tus.replication")
 
 UPLOAD_ID_HEADER = "Iokit-Upload-Id"
 REWIND_HEADER = "Iokit-Rewind"
@@ -79,10 +81,6 @@ class ReplicationMode(enum.Enum):
 
 class ReplicaFailed(Exception):
     """A replica did not take what it was sent (down, slow, or an unexpected answer)."""
-
-
-def _log(message: str) -> None:
-    print(f"replication: {message}", file=sys.stderr, flush=True)
 
 
 def _unavailable(detail: str, retry_after: float) -> HttpError:
@@ -253,7 +251,7 @@ class ReplicaLink:
         restarted = self.replica_epoch is not None and epoch != self.replica_epoch
         self.replica_epoch = epoch
         if restarted:
-            _log(f"{self.url} restarted; checking every upload there")
+            log.warning(f"{self.url} restarted; checking every upload there")
             self.in_step.clear()
             self.unverified.update(self.confirmed)  # it may have lost what its own durability had not kept
         return restarted
@@ -320,7 +318,7 @@ class ReplicaLink:
                     await self.bring_up_to(head.upload, max(entry.end for entry in batch))
             except ReplicaFailed as error:
                 if failures == 0:
-                    _log(f"{self.url} is behind ({self.backlog_bytes} bytes), retrying: {error}")
+                    log.warning(f"{self.url} is behind ({self.backlog_bytes} bytes), retrying: {error}")
                 await iokit.sleep(RETRY_PAUSES[min(failures, len(RETRY_PAUSES) - 1)])
                 failures += 1
                 continue
@@ -407,7 +405,7 @@ class Replication:
             for link in self.links:
                 tasks.spawn(one, link, name="replicate")
         if failures:
-            _log(f"{what}: {'; '.join(failures)}")
+            log.warning(f"{what}: {'; '.join(failures)}")
             raise _unavailable(f"a replica did not confirm {what}: {'; '.join(failures)}", self.timeout)
 
     async def created(self, upload: Upload) -> None:

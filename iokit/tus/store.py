@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import math
 import os
 import secrets
-import sys
 import threading
 import time
 from typing import AsyncIterator, Callable, Protocol
@@ -50,16 +50,14 @@ from .files import (DATA_SUFFIX, RECORD_SUFFIX, TEMPORARY_SUFFIX, Record, Upload
 from .limits import DEFAULT_UPLOAD_LIMITS, UploadLimits
 from .protocol import CHECKSUM_MISMATCH, Checksum, Concat, is_upload_id, new_upload_id, tus_error
 
+log = logging.getLogger("iokit.tus")
+
 _MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes; metadata is capped far below this
 
 
 class Durability(enum.Enum):
     SYNC = "sync"
     ASYNC = "async"
-
-
-def _log(message: str) -> None:
-    print(f"upload store: {message}", file=sys.stderr, flush=True)
 
 
 def _disk_full(detail: str):
@@ -161,7 +159,7 @@ class UploadStore:
             if record.upload_id != upload_id:
                 raise ValueError(f"the record of {upload_id} names {record.upload_id}")
         except (OSError, ValueError) as error:
-            _log(f"ignoring {files.record}: {error}")
+            log.warning(f"ignoring {files.record}: {error}")
             return
         if record.expired_at is not None:
             if self.clock() - record.expired_at > self.limits.expired_memory_seconds:
@@ -172,10 +170,10 @@ class UploadStore:
         try:
             size = os.stat(files.data).st_size
         except FileNotFoundError:
-            _log(f"ignoring {upload_id}: its data file is missing")
+            log.warning(f"ignoring {upload_id}: its data file is missing")
             return
         if size < record.durable_offset:
-            _log(f"{upload_id}: the data file has {size} bytes, the record says {record.durable_offset} are durable")
+            log.warning(f"{upload_id}: the data file has {size} bytes, the record says {record.durable_offset} are durable")
             record = dataclasses.replace(record, durable_offset=size)
         elif size > record.durable_offset:
             os.truncate(files.data, record.durable_offset)
@@ -392,7 +390,7 @@ class UploadStore:
                     await upload.files.write_record(dataclasses.replace(upload.record, expired_at=now))
                     remove_quietly(upload.files.data)
                 except OSError as error:
-                    _log(f"could not record the expiry of {upload.id} ({error}); removing it")
+                    log.warning(f"could not record the expiry of {upload.id} ({error}); removing it")
                     upload.files.remove()
         finally:
             self._release(upload)
@@ -571,7 +569,7 @@ class UploadStore:
                         await file.aclose()
                     await self._record_durable(upload, target, updated_at)
                 except OSError as error:
-                    _log(f"flushing {upload.id} failed, retrying at the next flush: {error}")
+                    log.warning(f"flushing {upload.id} failed, retrying at the next flush: {error}")
                     with self._lock:
                         upload.buffer[:0] = entries
                         upload.buffered_bytes += taken_bytes
@@ -846,7 +844,7 @@ class Chunk:
                         try:
                             await self._keep()
                         except Exception as error:  # the client is gone: nobody to tell but the log
-                            _log(f"keeping the {self.received} bytes of a cut-off chunk of {self.upload.id} failed: "
+                            log.warning(f"keeping the {self.received} bytes of a cut-off chunk of {self.upload.id} failed: "
                                  f"{error}")
                     else:
                         await self._discard()
