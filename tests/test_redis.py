@@ -209,3 +209,26 @@ def test_parse_redis_url():
     for bad in ("http://127.0.0.1", "redis://127.0.0.1/x", "redis://127.0.0.1:99999/0", "redis:///0"):
         with pytest.raises(ValueError):
             parse_redis_url(bad)
+
+
+def test_stream_reader_reports_an_unreachable_redis_once_through_logging(run, caplog):
+    """The push server's stream reader says once, on the ``iokit.redis`` logger, that Redis is unreachable, and keeps
+    trying (here three attempts or more in 1.2 s: ``RECONNECT_PAUSE`` is 0.5 s)."""
+    import threading
+
+    from iokit.redis.events import RedisEventLog, StreamReader
+
+    async def main():
+        async with RedisClient(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.2) as client:
+            reader = StreamReader(RedisEventLog(client, f"stream:{run.name}", 10), lambda event: None,
+                                  threading.Lock())
+            with iokit.move_on_after(1.2):
+                await reader.run()
+
+    with caplog.at_level("WARNING", logger="iokit.redis"):
+        run(main)
+    records = [record for record in caplog.records if record.name == "iokit.redis"]
+    assert len(records) == 1, records
+    assert records[0].levelname == "WARNING"
+    assert "reading the event stream failed, retrying" in records[0].getMessage()
+    assert "cannot connect" in records[0].getMessage()

@@ -24,7 +24,7 @@ Sequence numbers (``Event.seq``) are the stream ids made into one sortable integ
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from typing import Any
 
 import iokit
@@ -36,6 +36,8 @@ from .errors import RedisConnectionError, RedisReplyError
 READ_BLOCK_MS = 2000
 READ_COUNT = 1000
 RECONNECT_PAUSE = 0.5  # seconds between the reader's attempts while Redis is unreachable
+
+logger = logging.getLogger("iokit.redis")
 
 
 def stream_id_number(stream_id: str | bytes) -> int | None:
@@ -153,7 +155,7 @@ class StreamReader:
                 complained = False
             except RedisConnectionError as error:
                 if not complained:
-                    print(f"push: reading the event stream failed, retrying: {error}", file=sys.stderr)
+                    logger.warning("push: reading the event stream failed, retrying: %s", error)
                     complained = True
                 await iokit.sleep(RECONNECT_PAUSE)
                 continue
