@@ -67,18 +67,21 @@ class Connections:
     """The transports a ``drive``, ``connect`` or server owns, until each has been closed; ``on_closed(transport)``,
     if given, is called as each closes."""
 
-    __slots__ = ("open", "all_closed", "_on_closed")
+    __slots__ = ("open", "all_closed", "_on_closed", "_aborting")
 
     def __init__(self, on_closed: Callable[[Any], None] | None = None) -> None:
         self.open: set = set()
         self.all_closed = Event()
         self.all_closed.set()
         self._on_closed = on_closed
+        self._aborting = False
 
     def add(self, transport) -> None:
         if transport.fileno() >= 0:  # an engine transport that connection_made closed at once has had its close
             self.open.add(transport)
             self.all_closed.clear()
+            if self._aborting:  # added after abort_all began (an accept that completed as its task was cancelled)
+                transport.abort()
 
     def closed(self, transport) -> None:
         self.open.discard(transport)
@@ -88,6 +91,8 @@ class Connections:
             self._on_closed(transport)
 
     async def abort_all(self) -> None:
+        """Abort every transport, and any added from now on; return once all have closed."""
+        self._aborting = True
         with CancelScope(shield=True):
             for transport in list(self.open):
                 transport.abort()
