@@ -91,6 +91,47 @@ def test_echo_then_the_peer_closes(run):
     assert protocol.events == ["made", "eof", ("lost", None)]
 
 
+def test_a_protocol_with_only_data_received_echoes_and_is_closed_at_the_peer_s_end(run):
+    # Not our base class: connection_made, eof_received, pause/resume_writing and connection_lost are all optional.
+    class Bare:
+        def __init__(self):
+            self.transports = []
+
+        def data_received(self, data: bytes) -> None:
+            self.transports[0].write(data)
+
+    bare = Bare()
+
+    async def main():
+        async with await iokit.open_tcp_listener("127.0.0.1", 0) as listener:
+            async with TaskGroup() as group:
+                async def drive_one():
+                    stream = await listener.accept()
+                    with move_on_after(5):
+                        await protocols.drive(stream, _MadeRecorder(bare))
+
+                group.spawn(drive_one)
+                async with await iokit.connect_tcp("127.0.0.1", listener.address[1]) as client:
+                    await client.sendall(b"ping")
+                    assert await receive_exactly(client, 4) == b"ping"
+                    await client.shutdown_write()
+                    assert await receive_until_eof(client) == b""  # no eof_received: the transport closed
+    run(main)
+
+
+class _MadeRecorder:
+    """Forwards data_received to a bare protocol and keeps its transport, having no other method either."""
+
+    def __init__(self, bare) -> None:
+        self.bare = bare
+        self.data_received = bare.data_received
+
+    def __getattr__(self, name):
+        if name == "connection_made":
+            return self.bare.transports.append
+        raise AttributeError(name)
+
+
 def test_eof_received_true_keeps_the_transport_open_for_writing(run):
     protocol = Recorder(echo=False, keep_open_on_eof=True)
 
