@@ -232,3 +232,93 @@ def test_stream_reader_reports_an_unreachable_redis_once_through_logging(run, ca
     assert records[0].levelname == "WARNING"
     assert "reading the event stream failed, retrying" in records[0].getMessage()
     assert "cannot connect" in records[0].getMessage()
+
+
+def test_pipeline_encoded_runs_commands_encoded_once(run, redis_url):
+    """``pipeline_encoded``: the same bytes sent again and again, replies in order, an error reply raised or kept in
+    its place, and a connection reused for each (the pool's fast path)."""
+    from iokit.redis.connection import pack_commands
+
+    async def main():
+        async with RedisClient(redis_url) as client:
+            key = f"encoded:{run.name}"
+            await client.execute("DEL", key)
+            data = pack_commands([("INCR", key), ("GET", key)])
+            for expected in range(1, 101):
+                assert await client.pipeline_encoded(data, 2, read_only=False) == [expected, str(expected).encode()]
+            bad = pack_commands([("SET", f"{key}:s", "x"), ("INCR", f"{key}:s"), ("INCR", key)])
+            replies = await client.pipeline_encoded(bad, 3, read_only=False, raise_on_error=False)
+            assert replies[0] == b"OK" and isinstance(replies[1], RedisReplyError) and replies[2] == 101
+            with pytest.raises(RedisReplyError, match="not an integer"):
+                await client.pipeline_encoded(bad, 3, read_only=False)
+            assert await client.execute("GET", key) == b"102"  # the command after the error reply was applied
+            statistics = client.statistics()
+            assert statistics["opened"] == 1 and statistics["reused"] >= 102 and statistics["dropped"] == 0
+    run(main)
+
+
+def test_a_connection_idle_past_the_probe_time_is_looked_at_before_reuse(run, redis_url, monkeypatch):
+    """A connection the server closed while it sat idle is not reused once it has been idle for
+    ``PROBE_AFTER_IDLE_SECONDS``: the write goes on a new connection, applied once. On ``uring`` the engine's armed
+    receive takes the close instead of the peek; the write then fails as maybe applied, and was not applied twice."""
+    from iokit.redis import client as client_module
+
+    monkeypatch.setattr(client_module, "PROBE_AFTER_IDLE_SECONDS", 0.05)
+
+    async def main():
+        async with RedisClient(redis_url) as client, RedisClient(redis_url) as killer:
+            key = f"probed:{run.name}"
+            await client.execute("SET", key, 0)
+            name = f"probed-{run.name}"
+            await client.execute("CLIENT", "SETNAME", name)
+            listing = (await killer.execute("CLIENT", "LIST")).decode()
+            client_id = next(line.split()[0].removeprefix("id=") for line in listing.splitlines()
+                             if f" name={name} " in f" {line} ")
+            assert await killer.execute("CLIENT", "KILL", "ID", client_id) == 1
+            await iokit.sleep(0.2)
+            try:
+                assert await client.execute("INCR", key) == 1
+                applied_here = True
+            except RedisConnectionError as error:
+                assert run.backend == "uring" and error.maybe_applied
+                applied_here = False
+            assert await client.execute("GET", key) == (b"1" if applied_here else b"0")
+            statistics = client.statistics()
+            assert statistics["dropped"] == 1 and statistics["opened"] == 2
+    run(main)
+
+
+def test_job_store_reads_the_monitor_its_scripts_return(run, redis_url):
+    """``RedisJobStore.get`` (HMGET of a monitor's fields, and TIME) answers what the scripts' HGETALL answers, in
+    every state: queued, running, succeeded (with a result), failed (with an error), canceled; 404 for an id never
+    given, 410 for one dropped after its retention."""
+    from iokit.patterns.jobs import JobGone, JobNotFound, JobRequest
+    from iokit.patterns.limits import JobLimits
+    from iokit.redis.jobs import RedisJobStore
+
+    async def main():
+        async with RedisClient(redis_url) as client:
+            store = RedisJobStore(client, JobLimits(max_running_jobs=1, retention_seconds=1.0),
+                                  prefix=f"iokit:test:{run.name}:")
+            running, _ = await store.submit(JobRequest(duration_ms=300))
+            queued, _ = await store.submit(JobRequest(duration_ms=100, fail=True))
+            assert running["status"] == "running" and queued["status"] == "queued"
+            assert await store.get(running["id"]) == running and await store.get(queued["id"]) == queued
+            await iokit.sleep(0.35)  # the first ends; the second starts
+            succeeded = await store.get(running["id"])
+            assert succeeded == {"id": running["id"], "status": "succeeded", "result": {"duration_ms": 300},
+                                 "error": None, "version": running["version"] + 1}
+            await iokit.sleep(0.15)
+            failed = await store.get(queued["id"])
+            assert failed == {"id": queued["id"], "status": "failed", "result": None,
+                              "error": "the job failed, as it was asked to", "version": queued["version"] + 2}
+            third, _ = await store.submit(JobRequest(duration_ms=10_000))
+            canceled = await store.cancel(third["id"])
+            assert canceled["status"] == "canceled" and canceled["error"] == "canceled by request"
+            assert await store.get(third["id"]) == canceled
+            with pytest.raises(JobNotFound):
+                await store.get("0" * 32)
+            await iokit.sleep(1.2)  # past the retention: dropped by Redis, remembered as gone
+            with pytest.raises(JobGone):
+                await store.get(running["id"])
+    run(main)

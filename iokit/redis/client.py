@@ -31,6 +31,8 @@ import threading
 import urllib.parse
 from typing import Any, Sequence
 
+import hiredis
+
 import iokit
 
 from .connection import NO_REPLY, RedisConnection, pack_commands
@@ -126,7 +128,7 @@ class RedisClient:
     async def execute(self, *command: Any, timeout: float | None = None) -> Any:
         """Run one command and return its reply (``bytes``, ``int``, lists, ``None``). Raises ``RedisReplyError`` for
         an error reply, ``RedisConnectionError`` (``RedisUnavailable``, ``RedisTimeout``...) when it got none."""
-        reply = (await self._run((command,), timeout, retry_after_send=_is_read_only(command)))[0]
+        reply = (await self._run(hiredis.pack_command(command), 1, timeout, _is_read_only(command)))[0]
         if isinstance(reply, RedisReplyError):
             raise reply
         return reply
@@ -139,20 +141,33 @@ class RedisClient:
         was sent, or if every command in it is read-only."""
         if not commands:
             return []
-        replies = await self._run(commands, timeout, retry_after_send=all(_is_read_only(c) for c in commands))
+        return await self.pipeline_encoded(pack_commands(commands), len(commands),
+                                           read_only=all(_is_read_only(c) for c in commands), timeout=timeout,
+                                           raise_on_error=raise_on_error)
+
+    async def pipeline_encoded(self, data: bytes, count: int, *, read_only: bool, timeout: float | None = None,
+                               raise_on_error: bool = True) -> list:
+        """``pipeline`` for ``count`` commands already in RESP (``data``: ``pack_commands``), for a caller that sends
+        the same commands often and encodes them once. ``read_only`` says that every one of them changes nothing (the
+        pipeline may then be resent on a new connection when a reused one fails)."""
+        replies = await self._run(data, count, timeout, read_only)
         if raise_on_error:
             for reply in replies:
                 if isinstance(reply, RedisReplyError):
                     raise reply
         return replies
 
-    async def _run(self, commands: Sequence[Sequence[Any]], timeout: float | None, retry_after_send: bool) -> list:
-        timeout = self.command_timeout if timeout is None else timeout
-        deadline = iokit.current_time() + timeout
+    async def _run(self, data: bytes, count: int, timeout: float | None, retry_after_send: bool) -> list:
+        now = iokit.current_time()
+        deadline = now + (self.command_timeout if timeout is None else timeout)
         for attempt in (1, 2):
-            connection, reused = await self._acquire(deadline)
+            # The common case first, with no await: a permit free and the newest idle connection fit for reuse.
+            connection = self._reuse_idle(now) if attempt == 1 else None
+            reused = connection is not None
+            if connection is None:
+                connection, reused = await self._acquire(deadline)
             try:
-                replies = await connection.pipeline(commands, timeout=max(0.0, deadline - iokit.current_time()))
+                replies = await connection.round_trip(data, count, deadline)
             except RedisConnectionError as error:
                 await self._drop(connection)
                 retry = (attempt == 1 and not error.replies and not isinstance(error, RedisTimeout)
@@ -164,7 +179,8 @@ class RedisClient:
             except BaseException:
                 await self._drop(connection)  # cancelled mid-command: its reply would answer the next one
                 raise
-            await self._give_back(connection)
+            if not self._give_back(connection):  # the client was closed while this command ran
+                await connection.aclose()
             if isinstance(replies[0], RedisReplyError) and str(replies[0]).startswith("LOADING"):
                 # A server that has just restarted refuses every command until its data is loaded: nothing was applied.
                 raise RedisUnavailable(f"{self.address.url()} is loading its data: {replies[0]}")
@@ -173,13 +189,34 @@ class RedisClient:
 
     # -- the pool ----------------------------------------------------------------------------------------------------
 
+    def _reuse_idle(self, now: float) -> RedisConnection | None:
+        """Return the newest idle connection, holding one permit, if a permit is free and that connection can be
+        reused without a look (same generation, not broken, idle less than ``PROBE_AFTER_IDLE_SECONDS``); else
+        ``None``, holding nothing (``_acquire`` then does the rest: waits, probes, discards, opens)."""
+        if self._closed:
+            return None
+        try:
+            self._permits.get_nowait()
+        except iokit.WouldBlock:
+            return None
+        with self._lock:
+            if self._idle:
+                generation, given_back_at, connection = self._idle[-1]
+                if (generation == self._generation and connection.broken is None
+                        and now - given_back_at < PROBE_AFTER_IDLE_SECONDS):
+                    self._idle.pop()
+                    self._counts["reused"] += 1
+                    return connection
+        self._permits.put_nowait(None)
+        return None
+
     async def _acquire(self, deadline: float) -> tuple[RedisConnection, bool]:
         """Return a connection and whether it was reused, holding one permit. Raises ``RedisTimeout`` when none frees
         by ``deadline``, and what opening one raises."""
         if self._closed:
             raise RedisError("the Redis client is closed")
         try:
-            self._permits.get_nowait()  # the common case: no deadline to watch, no trip round the loop
+            self._permits.get_nowait()  # no deadline to watch, no trip round the loop
         except iokit.WouldBlock:
             with iokit.CancelScope(deadline=deadline) as scope:
                 await self._permits.get()
@@ -209,14 +246,15 @@ class RedisClient:
             self._permits.put_nowait(None)
             raise
 
-    async def _give_back(self, connection: RedisConnection) -> None:
+    def _give_back(self, connection: RedisConnection) -> bool:
+        """Put ``connection`` back among the idle ones and give back its permit; ``False`` if the client was closed
+        meanwhile (the caller then closes the connection)."""
         with self._lock:
             keep = not self._closed
             if keep:
                 self._idle.append((self._generation, iokit.current_time(), connection))
         self._permits.put_nowait(None)
-        if not keep:  # the client was closed while this command ran
-            await connection.aclose()
+        return keep
 
     async def _drop(self, connection: RedisConnection) -> None:
         """Close a connection that failed, with every idle connection opened before it; give back its permit."""
@@ -254,6 +292,8 @@ class RedisClient:
 
 def _is_read_only(command: Sequence[Any]) -> bool:
     name = command[0]
+    if name in READ_ONLY_COMMANDS:  # the usual spelling, looked up as it is
+        return True
     if isinstance(name, (bytes, bytearray)):
         name = name.decode("ascii", "replace")
     return str(name).upper() in READ_ONLY_COMMANDS

@@ -29,7 +29,11 @@ NO_REPLY = object()  # what ``next_reply_by`` returns when its deadline passed
 
 def pack_commands(commands: Iterable[Sequence[Any]]) -> bytes:
     """Return the RESP bytes of ``commands`` (each a sequence of ``str``, ``bytes``, ``int`` or ``float``)."""
-    return b"".join(hiredis.pack_command(tuple(command)) for command in commands)
+    return b"".join([hiredis.pack_command(tuple(command)) for command in commands])
+
+
+def _deadline_in(timeout: float) -> float:
+    return iokit.current_time() + timeout  # math.inf stays math.inf: no deadline
 
 
 async def _connect_tcp(host: str, port: int) -> iokit.SocketStream:
@@ -101,7 +105,7 @@ class RedisConnection:
     async def execute(self, command: Sequence[Any], *, timeout: float = math.inf) -> Any:
         """Send one command and return its reply. An error reply is raised as ``RedisReplyError`` (the connection stays
         usable); ``RedisConnectionError`` and its kinds when the reply does not come."""
-        reply = (await self.pipeline((command,), timeout=timeout))[0]
+        reply = (await self.round_trip(hiredis.pack_command(tuple(command)), 1, _deadline_in(timeout)))[0]
         if isinstance(reply, RedisReplyError):
             raise reply
         return reply
@@ -110,37 +114,45 @@ class RedisConnection:
         """Send ``commands`` in one write and return their replies in order, error replies as ``RedisReplyError``
         instances in their places (not raised: the others were applied). Raises ``RedisConnectionError`` (with the
         replies that arrived) when not all replies come within ``timeout`` seconds."""
+        return await self.round_trip(pack_commands(commands), len(commands), _deadline_in(timeout))
+
+    async def round_trip(self, data: bytes, count: int, deadline: float) -> list:
+        """Send ``data`` (``count`` commands in RESP: ``pack_commands``) in one write and return their ``count``
+        replies, error replies in their places, by ``deadline`` (``iokit.current_time()`` seconds; ``math.inf``:
+        none). ``pipeline`` for a caller that encoded its commands once; with ``data`` empty, only reads. One frame,
+        and one cancel scope for every receive: a short command is a few steps of Python."""
         if self.broken is not None:
             raise RedisConnectionError(f"the connection to {self.description} is broken: {self.broken}",
                                        maybe_applied=False)
-        data = pack_commands(commands)
-        try:
-            await self.stream.sendall(data)
-        except OSError as error:
-            # On the Op path sendall reports its progress: a command cut short before its last byte was not run.
-            sent = getattr(error, "bytes_sent", len(data))
-            raise self._break(f"sending to {self.description} failed: {error.strerror or error}", [],
-                              maybe_applied=sent > 0) from None
-        except BaseException:
-            self.broken = "cancelled while sending"
-            raise
-        return await self.read_replies(len(commands), timeout=timeout)
-
-    async def read_replies(self, count: int, *, timeout: float = math.inf) -> list:
-        """Return the next ``count`` replies (error replies in their places), within ``timeout`` seconds."""
         replies: list = []
-        finished = False
-        with iokit.move_on_after(timeout):
+        if data:
             try:
-                while len(replies) < count:
-                    reply = self._reader.gets()
+                await self.stream.sendall(data)
+            except OSError as error:
+                # On the Op path sendall reports its progress: a command cut short before its last byte was not run.
+                sent = getattr(error, "bytes_sent", len(data))
+                raise self._break(f"sending to {self.description} failed: {error.strerror or error}", replies,
+                                  maybe_applied=sent > 0) from None
+            except BaseException:
+                self.broken = "cancelled while sending"
+                raise
+        if count == 0:
+            return replies
+        reader = self._reader
+        finished = False
+        with iokit.CancelScope(deadline=deadline):
+            try:
+                while True:
+                    reply = reader.gets()
                     if reply is not False:
                         replies.append(reply)
+                        if len(replies) == count:
+                            break
                         continue
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                    if not data:
+                    received = await self.stream.receive_some(RECEIVE_SIZE)
+                    if not received:
                         raise self._break(f"{self.description} closed the connection", replies)
-                    self._reader.feed(data)
+                    reader.feed(received)
                 finished = True
             except RedisProtocolError as error:
                 raise self._break_with(RedisProtocolError(f"{self.description} sent bytes that are not RESP: {error}",
@@ -154,8 +166,12 @@ class RedisConnection:
                 raise
         if not finished:
             raise self._break_with(RedisTimeout(f"{self.description} sent {len(replies)} of {count} replies within "
-                                                f"{timeout:g} s", replies=replies))
+                                                f"the command's time", replies=replies))
         return replies
+
+    async def read_replies(self, count: int, *, timeout: float = math.inf) -> list:
+        """Return the next ``count`` replies (error replies in their places), within ``timeout`` seconds."""
+        return await self.round_trip(b"", count, _deadline_in(timeout))
 
     async def next_reply_by(self, deadline: float) -> Any:
         """Return the next reply, or ``NO_REPLY`` if none has begun arriving by ``deadline`` (the connection stays in

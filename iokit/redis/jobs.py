@@ -29,13 +29,18 @@ import math
 import secrets
 from typing import Any
 
+import hiredis
+
 from ..patterns.jobs import (IdempotencyConflict, JobFinished, JobGone, JobNotFound, JobRequest, QueueFull)
 from ..patterns.limits import JobLimits
 from .client import RedisClient
+from .connection import pack_commands
 
 DEFAULT_PREFIX = "iokit:jobs:"
 GONE_SECONDS = 3600.0
 TERMINAL = ("succeeded", "failed", "canceled")
+_READ_FIELDS = ("status", "version", "result", "error", "ends_at")  # what ``get`` reads of a job's hash, in order
+_TIME = pack_commands([("TIME",)])
 
 _PRELUDE = """
 local prefix = ARGV[1]
@@ -145,9 +150,13 @@ def monitor_of(job_id: str, fields: list[bytes] | dict[bytes, bytes]) -> dict:
     """Return the monitor ``{id, status, result, error, version}`` of a job hash (HGETALL's reply)."""
     if isinstance(fields, list):
         fields = dict(zip(fields[::2], fields[1::2]))
-    error = fields.get(b"error", b"").decode()
-    return {"id": job_id, "status": fields[b"status"].decode(), "result": json.loads(fields.get(b"result", b"null")),
-            "error": error or None, "version": int(fields[b"version"])}
+    error = fields.get(b"error")
+    return {"id": job_id, "status": fields[b"status"].decode(), "result": _result_of(fields.get(b"result")),
+            "error": error.decode() if error else None, "version": int(fields[b"version"])}
+
+
+def _result_of(field: bytes | None) -> Any:
+    return None if field is None or field == b"null" else json.loads(field)  # most monitors: no result yet
 
 
 class RedisJobStore:
@@ -178,20 +187,22 @@ class RedisJobStore:
         return monitor_of(reply[1].decode(), reply[2]), outcome == b"created"
 
     async def get(self, job_id: str) -> dict:
-        """Return the job's monitor: one round trip, unless the job is running past its end (then it advances) or is
-        not there (then a second one tells 404 from 410)."""
-        fields, (seconds, microseconds) = await self.client.pipeline([("HGETALL", self._job_key(job_id)), ("TIME",)])
-        if not fields:
+        """Return the job's monitor: one round trip (``HMGET`` of the fields a monitor needs, and ``TIME``, encoded
+        in one step), unless the job is running past its end (then it advances) or is not there (then a second one
+        tells 404 from 410)."""
+        fields, (seconds, microseconds) = await self.client.pipeline_encoded(
+            hiredis.pack_command(("HMGET", self._job_key(job_id), *_READ_FIELDS)) + _TIME, 2, read_only=True)
+        status, version, result, error, ends_at = fields
+        if status is None:  # every job's hash has a status: the hash is not there
             if await self.client.execute("EXISTS", self.prefix + "gone:" + job_id):
                 raise JobGone(f"job {job_id} finished more than {self.limits.retention_seconds:g} s ago and was "
                               f"dropped")
             raise JobNotFound(f"no job {job_id}")
-        fields = dict(zip(fields[::2], fields[1::2]))
-        now_ms = int(seconds) * 1000 + int(microseconds) // 1000
-        if fields[b"status"] == b"running" and int(fields[b"ends_at"]) <= now_ms:
+        if status == b"running" and int(ends_at) <= int(seconds) * 1000 + int(microseconds) // 1000:
             await self.advance()
             return await self.get(job_id)
-        return monitor_of(job_id, fields)
+        return {"id": job_id, "status": status.decode(), "result": _result_of(result),
+                "error": error.decode() if error else None, "version": int(version)}
 
     async def cancel(self, job_id: str) -> dict:
         """Cancel a queued or running job and return its monitor (a canceled one stays canceled)."""
