@@ -49,5 +49,5 @@ run_tests() {
 
 run_tests tests/test_uring.py
 # The conformance and runtime suites on the two backends the native engine drives.
-run_tests tests/test_conformance.py tests/test_runtime.py tests/test_engine.py -k "uring or epoll"
+run_tests tests/test_conformance.py tests/test_runtime.py tests/test_engine.py tests/test_protocols.py -k "uring or epoll"
 echo "sanitize: clean"
