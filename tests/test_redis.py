@@ -322,3 +322,36 @@ def test_job_store_reads_the_monitor_its_scripts_return(run, redis_url):
             with pytest.raises(JobGone):
                 await store.get(running["id"])
     run(main)
+
+
+def test_a_long_timeout_is_kept_by_the_watchdog(run, redis_url):
+    """A command with ``WATCHED_FROM_SECONDS`` or more to go has no cancel scope: the client's watchdog times it out
+    (within a tick of ``WATCH_TICK_SECONDS``), as a ``RedisTimeout`` holding the replies that came, the connection
+    dropped; the next command goes on a new one. A client used without ``async with`` keeps the same timeout with a
+    scope."""
+    from iokit.redis.client import WATCH_TICK_SECONDS, WATCHED_FROM_SECONDS
+
+    timeout = WATCHED_FROM_SECONDS + 0.2
+
+    async def expect_timeout(client, key):
+        started = iokit.current_time()
+        with pytest.raises(RedisTimeout) as caught:
+            await client.pipeline([("PING",), ("BLPOP", key, 10)], timeout=timeout)
+        waited = iokit.current_time() - started
+        assert timeout - 0.01 <= waited < timeout + WATCH_TICK_SECONDS + 1.0, waited
+        assert caught.value.maybe_applied and caught.value.replies == [b"PONG"]  # the PING was acknowledged
+        assert await client.execute("RPUSH", key, "x") == 1  # on a new connection: the BLPOP is gone with the old
+        assert await client.execute("LPOP", key) == b"x"
+        statistics = client.statistics()
+        assert statistics["dropped"] == 1 and statistics["opened"] == 2
+
+    async def main():
+        key = f"watched:{run.name}"
+        async with RedisClient(redis_url) as client:
+            await expect_timeout(client, key)
+        client = RedisClient(redis_url)
+        try:
+            await expect_timeout(client, key)
+        finally:
+            await client.aclose()
+    run(main)

@@ -14,6 +14,10 @@
   again on a new connection; so is a read-only command (``GET``, ``XRANGE``...: ``READ_ONLY_COMMANDS``) that failed on a
   reused connection. A write whose reply did not come is *not* resent: the ``RedisConnectionError`` says it may have
   been applied, and the caller decides (an idempotent write may be repeated by the caller; an increment may not).
+* **Timeouts without a scope per command.** Inside ``async with`` one task of the client looks at its busy
+  connections every ``WATCH_TICK_SECONDS`` and shuts down the socket of any whose command is past its deadline: the
+  wait ends, the command raises ``RedisTimeout`` (with the replies that came), and the connection is dropped. So the
+  usual command needs no cancel scope and no timer (``WATCHED_FROM_SECONDS``: shorter timeouts still get a scope).
 * **Typed errors** (``errors.py``): ``RedisUnavailable`` (server down, or still loading its data after a restart),
   ``RedisTimeout``, ``RedisProtocolError``, and
   ``RedisReplyError`` for the server's own refusals.
@@ -42,6 +46,12 @@ DEFAULT_COMMAND_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 32
 PROBE_AFTER_IDLE_SECONDS = 1.0
+# Inside ``async with`` the client keeps its commands' deadlines itself: one task looks every WATCH_TICK_SECONDS and
+# times out the connections whose command is past its deadline, so a command needs no cancel scope (a scope with a
+# deadline was a quarter of a short command's Python). A command with less than WATCHED_FROM_SECONDS to go, or a
+# client not entered, gets a scope: its timeout is kept to the timer's precision, not the tick's.
+WATCH_TICK_SECONDS = 0.1
+WATCHED_FROM_SECONDS = 1.0
 
 # Commands that change nothing: resending one whose reply was lost cannot apply anything twice.
 READ_ONLY_COMMANDS = frozenset({
@@ -116,12 +126,33 @@ class RedisClient:
             self._permits.put_nowait(None)
         self._closed = False
         self._counts = {"opened": 0, "reused": 0, "dropped": 0, "retried": 0}
+        self._open: set[RedisConnection] = set()  # every connection not yet closed: what the watchdog looks at
+        self._watchdog: iokit.TaskGroup | None = None
 
     async def __aenter__(self) -> "RedisClient":
+        watchdog = iokit.TaskGroup()
+        await watchdog.__aenter__()
+        watchdog.spawn(self._watch_deadlines, name="redis-deadlines")
+        self._watchdog = watchdog
         return self
 
     async def __aexit__(self, *exc_info) -> None:
-        await self.aclose()
+        watchdog, self._watchdog = self._watchdog, None
+        try:
+            await self.aclose()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel_scope.cancel()
+                await watchdog.__aexit__(*exc_info)
+
+    async def _watch_deadlines(self) -> None:
+        while True:
+            await iokit.sleep(WATCH_TICK_SECONDS)
+            now = iokit.current_time()
+            with self._lock:  # a connection given back or dropped has its deadline at infinity (under this lock)
+                for connection in self._open:
+                    if connection.deadline <= now and not connection.timed_out:
+                        connection.time_out()
 
     # -- commands ----------------------------------------------------------------------------------------------------
 
@@ -166,8 +197,11 @@ class RedisClient:
             reused = connection is not None
             if connection is None:
                 connection, reused = await self._acquire(deadline)
+            watched = self._watchdog is not None and deadline - now >= WATCHED_FROM_SECONDS
+            if watched:
+                connection.deadline = deadline
             try:
-                replies = await connection.round_trip(data, count, deadline)
+                replies = await connection.round_trip(data, count, deadline, watched=watched)
             except RedisConnectionError as error:
                 await self._drop(connection)
                 retry = (attempt == 1 and not error.replies and not isinstance(error, RedisTimeout)
@@ -179,7 +213,7 @@ class RedisClient:
             except BaseException:
                 await self._drop(connection)  # cancelled mid-command: its reply would answer the next one
                 raise
-            if not self._give_back(connection):  # the client was closed while this command ran
+            if not self._give_back(connection):  # the client was closed while this command ran, or it timed out
                 await connection.aclose()
             if isinstance(replies[0], RedisReplyError) and str(replies[0]).startswith("LOADING"):
                 # A server that has just restarted refuses every command until its data is loaded: nothing was applied.
@@ -241,6 +275,8 @@ class RedisClient:
                 database=self.address.database,
                 timeout=max(0.0, min(self.connect_timeout, deadline - iokit.current_time())))
             self._counts["opened"] += 1
+            with self._lock:
+                self._open.add(connection)
             return connection, False
         except BaseException:
             self._permits.put_nowait(None)
@@ -248,11 +284,16 @@ class RedisClient:
 
     def _give_back(self, connection: RedisConnection) -> bool:
         """Put ``connection`` back among the idle ones and give back its permit; ``False`` if the client was closed
-        meanwhile (the caller then closes the connection)."""
+        meanwhile, or the watchdog timed the connection out just as its replies came (the caller then closes it)."""
         with self._lock:
-            keep = not self._closed
+            connection.deadline = math.inf
+            keep = not self._closed and not connection.timed_out
             if keep:
                 self._idle.append((self._generation, iokit.current_time(), connection))
+            else:
+                self._open.discard(connection)
+                if connection.timed_out:
+                    self._counts["dropped"] += 1
         self._permits.put_nowait(None)
         return keep
 
@@ -266,6 +307,9 @@ class RedisClient:
             self._permits.put_nowait(None)
 
     async def _discard(self, connection: RedisConnection) -> None:
+        with self._lock:  # before the close: the watchdog never shuts down a socket that is closed
+            connection.deadline = math.inf
+            self._open.discard(connection)
         self._counts["dropped"] += 1
         await connection.aclose()
 
@@ -280,6 +324,8 @@ class RedisClient:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            for _, _, connection in idle:
+                self._open.discard(connection)
         for _, _, connection in idle:
             await connection.aclose()
 

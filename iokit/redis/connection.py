@@ -12,6 +12,7 @@ rest *may* have been applied (``errors.py``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 from typing import Any, Iterable, Sequence
@@ -25,6 +26,7 @@ from .errors import (RedisAuthError, RedisConnectionError, RedisProtocolError, R
 
 RECEIVE_SIZE = 65536
 NO_REPLY = object()  # what ``next_reply_by`` returns when its deadline passed
+_NO_SCOPE = contextlib.nullcontext()  # a watched round trip's wait: its deadline is kept by the pool
 
 
 def pack_commands(commands: Iterable[Sequence[Any]]) -> bytes:
@@ -65,6 +67,10 @@ class RedisConnection:
         self.stream = stream
         self.description = description
         self.broken: str | None = None
+        # Set by a pool that watches its commands' deadlines itself (``round_trip(..., watched=True)``): when one
+        # passes, it calls ``time_out``, and the command's wait ends as a ``RedisTimeout``.
+        self.deadline = math.inf
+        self.timed_out = False
         self._reader = hiredis.Reader(protocolError=RedisProtocolError, replyError=RedisReplyError)
 
     @classmethod
@@ -116,11 +122,12 @@ class RedisConnection:
         replies that arrived) when not all replies come within ``timeout`` seconds."""
         return await self.round_trip(pack_commands(commands), len(commands), _deadline_in(timeout))
 
-    async def round_trip(self, data: bytes, count: int, deadline: float) -> list:
+    async def round_trip(self, data: bytes, count: int, deadline: float, *, watched: bool = False) -> list:
         """Send ``data`` (``count`` commands in RESP: ``pack_commands``) in one write and return their ``count``
         replies, error replies in their places, by ``deadline`` (``iokit.current_time()`` seconds; ``math.inf``:
         none). ``pipeline`` for a caller that encoded its commands once; with ``data`` empty, only reads. One frame,
-        and one cancel scope for every receive: a short command is a few steps of Python."""
+        and one cancel scope for every receive: a short command is a few steps of Python. ``watched``: the caller
+        has set ``self.deadline`` and will call ``time_out`` once it passes, so no cancel scope is needed."""
         if self.broken is not None:
             raise RedisConnectionError(f"the connection to {self.description} is broken: {self.broken}",
                                        maybe_applied=False)
@@ -140,7 +147,7 @@ class RedisConnection:
             return replies
         reader = self._reader
         finished = False
-        with iokit.CancelScope(deadline=deadline):
+        with _NO_SCOPE if watched else iokit.CancelScope(deadline=deadline):
             try:
                 while True:
                     reply = reader.gets()
@@ -219,7 +226,19 @@ class RedisConnection:
         self.broken = "closed while idle" if not data else "unexpected bytes while idle"
         return True
 
+    def time_out(self) -> None:
+        """End the command in flight as a ``RedisTimeout``: its deadline has passed. Shutting the socket down ends
+        the wait of its receive (or send) on every backend; the connection is broken for good."""
+        self.timed_out = True
+        try:
+            self.stream.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by the peer: the receive has ended anyway
+
     def _break(self, message: str, replies: list, *, maybe_applied: bool = True) -> RedisConnectionError:
+        if self.timed_out:
+            return self._break_with(RedisTimeout(f"{self.description} sent {len(replies)} replies before the "
+                                                 f"command's time ran out", replies=replies))
         return self._break_with(RedisConnectionError(message, replies=replies, maybe_applied=maybe_applied))
 
     def _break_with(self, error: RedisConnectionError) -> RedisConnectionError:
