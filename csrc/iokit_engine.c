@@ -995,6 +995,7 @@ static int fill_iov(Conn *c)
 static void after_send_progress(Loop *L, Conn *c);
 static PyObject *protocol_call_method(Loop *L, Conn *c, PyObject *method, PyObject *arg);
 static PyObject *protocol_call_named(Loop *L, Conn *c, int has, const char *name, PyObject *arg);
+static void protocol_callback_failed(Loop *L, Conn *c, PyObject *where);
 static void protocol_fail(Loop *L, Conn *c, int err);
 
 /* A send failed (or memory ran out): the connection is broken. Its tasks get the error; a protocol connection is
@@ -1913,35 +1914,51 @@ static PyObject *protocol_call_method(Loop *L, Conn *c, PyObject *method, PyObje
 	L->callbacks++;
 	result = arg ? PyObject_CallOneArg(method, arg) : PyObject_CallNoArgs(method);
 	restore_current(previous);
-	if (!result) {
-		PyObject *type, *value, *tb;
-
-		PyErr_Fetch(&type, &value, &tb);
-		PyErr_NormalizeException(&type, &value, &tb);
-		if (value && tb)
-			PyException_SetTraceback(value, tb);
-		if (!c->dead && !c->lost_error && value)
-			c->lost_error = Py_NewRef(value);
-		PyErr_Restore(type, value, tb);
-		PyErr_WriteUnraisable(method);
-		if (!c->dead)
-			protocol_abort(L, c);
-	}
+	if (!result)
+		protocol_callback_failed(L, c, method);
 	Py_DECREF(method);
 	return result;
 }
 
+/* The exception set now came from the protocol (a callback, or looking one up): report it (sys.unraisablehook, with
+ * `where`) and end the connection, connection_lost() getting it. */
+static void protocol_callback_failed(Loop *L, Conn *c, PyObject *where)
+{
+	PyObject *type, *value, *tb;
+
+	PyErr_Fetch(&type, &value, &tb);
+	PyErr_NormalizeException(&type, &value, &tb);
+	if (value && tb)
+		PyException_SetTraceback(value, tb);
+	if (!c->dead && !c->lost_error && value)
+		c->lost_error = Py_NewRef(value);
+	PyErr_Restore(type, value, tb);
+	PyErr_WriteUnraisable(where);
+	if (!c->dead)
+		protocol_abort(L, c);
+}
+
 static PyObject *optional_method(PyObject *protocol, const char *name);
 
-/* Call the protocol's method `name` (one it had when attached: `has`), as protocol_call_method does. */
+/* Call the protocol's method `name` (one it had when attached: `has`), as protocol_call_method does; a lookup that
+ * fails otherwise than by the method's absence is the protocol's failure too. */
 static PyObject *protocol_call_named(Loop *L, Conn *c, int has, const char *name, PyObject *arg)
 {
-	PyObject *method, *result;
+	PyObject *protocol = c->protocol, *method, *result;
 
-	if (!has || !c->protocol || !(method = optional_method(c->protocol, name)))
+	if (!has || !protocol)
 		return NULL;
-	result = protocol_call_method(L, c, method, arg);
-	Py_DECREF(method);
+	Py_INCREF(protocol);
+	method = optional_method(protocol, name);
+	if (method) {
+		result = protocol_call_method(L, c, method, arg);
+		Py_DECREF(method);
+	} else {
+		result = NULL;
+		if (PyErr_Occurred())
+			protocol_callback_failed(L, c, protocol);
+	}
+	Py_DECREF(protocol);
 	return result;
 }
 
@@ -1997,13 +2014,11 @@ static void protocol_abort(Loop *L, Conn *c)
 /* The fd may close: close it, then connection_lost() once, then the bookkeeping callback; the Conn lets go. */
 static void protocol_closed(Loop *L, Conn *c)
 {
-	PyObject *lost = c->has_lost && c->protocol ? optional_method(c->protocol, "connection_lost") : NULL;
+	PyObject *protocol = c->has_lost && c->protocol ? Py_NewRef(c->protocol) : NULL;
 	PyObject *closed = c->on_closed, *transport = c->transport, *owner = c->owner;
 	PyObject *error = c->lost_error;
-	PyObject *previous, *r;
+	PyObject *previous, *lost, *r;
 
-	if (!lost && PyErr_Occurred())  /* the lookup failed otherwise than by its absence: the callback is not called */
-		PyErr_WriteUnraisable(c->protocol);
 	if (c->registered)
 		epoll_ctl(L->epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	close(c->fd);
@@ -2012,11 +2027,15 @@ static void protocol_closed(Loop *L, Conn *c)
 	protocol_release(c);
 	previous = set_current(owner);
 	L->callbacks++;
+	/* Looked up only now, with the Conn gone: whatever the lookup runs cannot reach this connection again. */
+	lost = protocol ? optional_method(protocol, "connection_lost") : NULL;
 	if (lost) {
 		r = PyObject_CallOneArg(lost, error ? error : Py_None);
 		if (!r)
 			PyErr_WriteUnraisable(lost);
 		Py_XDECREF(r);
+	} else if (protocol && PyErr_Occurred()) {
+		PyErr_WriteUnraisable(protocol); /* the lookup failed otherwise than by its absence */
 	}
 	if (closed) {
 		r = PyObject_CallOneArg(closed, transport ? transport : Py_None);
@@ -2027,6 +2046,7 @@ static void protocol_closed(Loop *L, Conn *c)
 	restore_current(previous);
 	Py_XDECREF(error);
 	Py_XDECREF(lost);
+	Py_XDECREF(protocol);
 	Py_XDECREF(closed);
 	Py_XDECREF(transport);
 	Py_XDECREF(owner);
@@ -2508,8 +2528,10 @@ static PyObject *loop_attach_protocol(PyObject *self, PyObject *args, PyObject *
 	if (!c->on_data)
 		return NULL;
 	t = PyObject_New(Transport, &TransportType);
-	if (!t)
+	if (!t) {
+		Py_CLEAR(c->on_data);
 		return NULL;
+	}
 	t->loop = Py_NewRef(self);
 	t->fd = fd;
 	t->gen = c->gen;
@@ -2544,10 +2566,8 @@ static PyObject *loop_attach_protocol(PyObject *self, PyObject *args, PyObject *
 		if (!c->dead)
 			mark_dirty(L, c);
 	}
-	if (L->pending_error) {
-		Py_DECREF(t);
-		return raise_pending(L);
-	}
+	/* An error pending from a dispatch (L->pending_error) is left for turn() to raise: the connection is ours now,
+	 * and raising here would make the caller believe the fd is still its own to close. */
 	return (PyObject *)t;
 }
 

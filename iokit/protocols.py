@@ -114,8 +114,11 @@ def attach(stream: SocketStream, protocol, connections: Connections):
     for it: a server that attaches its connections in its accept loop spends no task on each (``drive`` is the
     same with a task that waits)."""
     extra = _extra_info(stream.socket)
-    fd = stream.socket.detach()
-    transport = stream._engine.attach_protocol(fd, protocol, current_task(), extra, connections.closed)
+    # The socket lets go of its fd only once the engine has it: if attach_protocol raises, it did not take it, and
+    # the stream still closes it.
+    transport = stream._engine.attach_protocol(stream.socket.fileno(), protocol, current_task(), extra,
+                                               connections.closed)
+    stream.socket.detach()
     connections.add(transport)
     return transport
 
@@ -214,7 +217,7 @@ class StreamTransport:
             with CancelScope(shield=True):
                 await self._stream.aclose(0 if self._aborting else 10.0)
             self._lost = True
-            self._call(getattr(self._protocol, "connection_lost", None), self._lost_error)
+            self._call_named("connection_lost", self._lost_error)
             if self._on_closed is not None:
                 self._on_closed(self)
 
@@ -232,7 +235,7 @@ class StreamTransport:
                 while not self._reading:  # paused while the receive waited: this waits for resume_reading
                     await self._may_read.wait()
                 if not data:
-                    keep = self._call(getattr(self._protocol, "eof_received", None))
+                    keep = self._call_named("eof_received")
                     if not keep:
                         self._close()
                     return
@@ -274,7 +277,7 @@ class StreamTransport:
             return False
         if self._writing_paused and len(self._queue) <= self._low:
             self._writing_paused = False
-            self._call(getattr(self._protocol, "resume_writing", None))
+            self._call_named("resume_writing")
         return True
 
     async def _write_loop(self) -> None:
@@ -307,11 +310,23 @@ class StreamTransport:
         except Cancelled:
             raise
         except Exception as error:  # noqa: BLE001 - reported, and it ends this connection only
-            _report(method, error)
-            if self._lost_error is None:
-                self._lost_error = error
-            self.abort()
+            self._callback_failed(method, error)
             return None
+
+    def _call_named(self, name: str, *args):
+        """Call the protocol's optional method ``name``, if it has one; looking it up may fail like a call."""
+        try:
+            method = getattr(self._protocol, name, None)
+        except Exception as error:  # noqa: BLE001 - as the engine does: reported, and it ends this connection only
+            self._callback_failed(self._protocol, error)
+            return None
+        return self._call(method, *args)
+
+    def _callback_failed(self, where, error: Exception) -> None:
+        _report(where, error)
+        if self._lost_error is None:
+            self._lost_error = error
+        self.abort()
 
     def _fail(self, error: BaseException) -> None:
         if self._lost_error is None:
@@ -333,7 +348,7 @@ class StreamTransport:
             self._to_write.set()
         if not self._writing_paused and queued > self._high:
             self._writing_paused = True
-            self._call(getattr(self._protocol, "pause_writing", None))
+            self._call_named("pause_writing")
 
     def writelines(self, chunks) -> None:
         for chunk in chunks:

@@ -44,7 +44,8 @@ class _Interruptible:
 
 
 class Shutdown:
-    """The stop request, as connections see it, and the count of connections still open.
+    """The stop request, as connections see it, and the count of connections still open (and of requests' tasks
+    still running: a handler whose client is gone still gets the grace).
 
     A connection wraps each wait that may be abandoned at once on stop (the wait for its next request) in
     ``with shutdown.interruptible() as scope:``; ``begin()`` cancels every such scope, and one entered after ``begin()``
@@ -56,6 +57,7 @@ class Shutdown:
         self._scopes: set = set()
         self._requested = False
         self._open_connections = 0
+        self._running_tasks = 0   # handlers that waited, as tasks (HTTP): the grace is theirs too
         self._rejecting = 0
         self._all_closed = iokit.Event()
         self._stop_callbacks: list[Callable[[], None]] = []
@@ -74,10 +76,13 @@ class Shutdown:
         return _Interruptible(self, iokit.CancelScope(deadline=iokit.current_time() + timeout))
 
     def _register(self, scope) -> None:
+        # Nothing that takes the runtime's LOCK (scope.cancel does) runs under our lock: a task's end takes ours
+        # under LOCK (_task_finished), so the other order could deadlock threads on blocking.
         with self._lock:
             self._scopes.add(scope)
-            if self._requested:
-                scope.cancel()
+            requested = self._requested
+        if requested:
+            scope.cancel()  # begin() may cancel it too: a second cancel is nothing
 
     def _unregister(self, scope) -> None:
         with self._lock:
@@ -98,15 +103,16 @@ class Shutdown:
             self._requested = True
             scopes = list(self._scopes)
             callbacks = list(self._stop_callbacks)
-            if self._open_connections == 0:
-                self._all_closed.set()
+            all_closed = self._all_closed_now()
+        if all_closed:
+            self._all_closed.set()
         for scope in scopes:
             scope.cancel()
         for callback in callbacks:
             callback()
 
     async def wait_all_closed(self) -> None:
-        """Return once ``begin()`` was called and no connection is open."""
+        """Return once ``begin()`` was called and no connection is open, nor a request's task running."""
         await self._all_closed.wait()
 
     @property
@@ -120,8 +126,25 @@ class Shutdown:
     def _closed(self) -> None:
         with self._lock:
             self._open_connections -= 1
-            if self._open_connections == 0 and self._requested:
-                self._all_closed.set()
+            all_closed = self._all_closed_now()
+        if all_closed:
+            self._all_closed.set()
+
+    def _task_started(self) -> None:
+        with self._lock:
+            self._running_tasks += 1
+
+    def _task_finished(self) -> None:
+        # Called under the runtime's LOCK (a task's end): the Event, which takes LOCK, is set outside our lock, so
+        # the two locks are only ever taken in that order.
+        with self._lock:
+            self._running_tasks -= 1
+            all_closed = self._all_closed_now()
+        if all_closed:
+            self._all_closed.set()
+
+    def _all_closed_now(self) -> bool:  # under the lock
+        return self._requested and self._open_connections == 0 and self._running_tasks == 0
 
     def _try_start_rejection(self) -> bool:
         with self._lock:

@@ -16,6 +16,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -466,11 +467,19 @@ def build_api_app(stop, record: dict) -> App:
             raise RuntimeError("a body bug, on purpose")
         return Response(200, pieces(), content_type="text/plain")
 
+    @app.route("GET", "/base-exception")
+    async def base_exception(request):
+        await iokit.sleep(0.01)  # as a task now
+        raise _NotAnException("a BaseException that is not an Exception, on purpose")
+
     @app.route("GET", "/finish-after-leaving")
     async def finish_after_leaving(request):
         await request.wait_disconnected()
-        with iokit.CancelScope(shield=True):  # work that must end even when the server stops (a commit, say)
-            await iokit.sleep(0.5)
+        if request.query.get("shield"):
+            with iokit.CancelScope(shield=True):  # work that must end even when the server stops (a commit, say)
+                await iokit.sleep(0.5)
+        else:
+            await iokit.sleep(0.3)  # work the stop's grace must leave time for
         record["finished after leaving"] = True
         return Response(204)
 
@@ -490,11 +499,16 @@ def build_api_app(stop, record: dict) -> App:
     return app
 
 
+class _NotAnException(BaseException):
+    pass
+
+
 class InProcessServer:
     """``serve_listener`` with the API app on a thread; ``record`` is what its handlers saw."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, grace: float = 2.0):
         self.backend = backend
+        self.grace = grace
         self.record: dict = {}
         self._address: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=iokit.run, args=(self._main,), kwargs={"backend": backend})
@@ -507,7 +521,7 @@ class InProcessServer:
         listener = await iokit.open_tcp_listener("127.0.0.1", 0)
         self.runtime = iokit.current_task().runtime
         self._address.put(listener.address)
-        await serve.serve_listener(listener, HttpServer(build_api_app(stop, self.record), limits), stop, 2.0)
+        await serve.serve_listener(listener, HttpServer(build_api_app(stop, self.record), limits), stop, self.grace)
 
     def stop(self) -> None:
         with socket.create_connection(self.address, timeout=5) as connection:
@@ -588,6 +602,14 @@ def test_a_streamed_body_that_fails_cuts_its_response_short_and_closes(api_serve
     assert _get_status_of(api_server.address) == 200  # the server goes on
 
 
+def test_a_handler_that_raises_a_base_exception_does_not_leave_its_client_waiting(api_server):
+    # Before: logged (or silently dropped), with the connection left open and the request in progress for ever.
+    with socket.create_connection(api_server.address, timeout=5) as connection:
+        connection.sendall(b"GET /base-exception HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_until_closed(connection) == b""  # closed, no answer: nobody is left to give one
+    assert _get_status_of(api_server.address) == 200  # the server goes on
+
+
 def _get_status_of(address) -> int:
     with socket.create_connection(address, timeout=5) as connection:
         connection.sendall(b"GET /stream?n=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -620,14 +642,31 @@ def test_held_requests_on_the_engine_cost_no_task_per_connection(api_server):
             connection.close()
 
 
-def test_the_stop_waits_for_a_handler_whose_client_has_left(backend_name):
-    server = InProcessServer(backend_name)
-    with socket.create_connection(server.address, timeout=5) as connection:
-        connection.sendall(b"GET /finish-after-leaving HTTP/1.1\r\nHost: t\r\n\r\n")
-        time.sleep(0.2)
-    time.sleep(0.05)  # the connection is gone; its handler goes on (0.5 s, shielded)
+def leave_with_a_reset(address, target: bytes) -> None:
+    """Send a request, then reset the connection (SO_LINGER 0): gone at once, unlike a FIN, which leaves it half-open
+    until the server answers."""
+    connection = socket.create_connection(address, timeout=5)
+    connection.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.2)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+    time.sleep(0.05)  # the connection is gone; its handler goes on
+
+
+def test_the_stop_gives_its_grace_to_a_handler_whose_client_has_left(backend_name):
+    # Before: on epoll and uring the stop counted only connections, so a handler whose client had reset was
+    # cancelled at once (blocking and threads gave it the grace).
+    server = InProcessServer(backend_name, grace=2.0)
+    leave_with_a_reset(server.address, b"/finish-after-leaving")
     server.stop()
-    # serve_listener returned (the thread ended) only after that handler had.
+    assert server.record.get("finished after leaving") is True
+
+
+def test_the_stop_waits_for_a_shielded_handler_past_its_grace(backend_name):
+    server = InProcessServer(backend_name, grace=0.1)
+    leave_with_a_reset(server.address, b"/finish-after-leaving?shield=1")
+    server.stop()
+    # serve_listener returned (the thread ended) only after that handler had, although the grace had ended.
     assert server.record.get("finished after leaving") is True
 
 

@@ -350,6 +350,40 @@ def test_a_callback_that_raises_ends_only_its_connection(run, monkeypatch):
     assert [type(error) for error in reported] == [ValueError]
 
 
+def test_a_method_whose_lookup_fails_later_is_the_protocol_s_failure(run, monkeypatch):
+    # The engine looks eof_received up when it calls it: a lookup that raises (a property, __getattr__) must end the
+    # connection as a raising callback does. It left the exception set in C: SystemError further on, and
+    # connection_lost got None.
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_value))
+
+    class LookupFails(Recorder):
+        fail_lookup = False
+
+        @property
+        def eof_received(self):
+            if self.fail_lookup:
+                raise RuntimeError("the lookup of eof_received failed")
+            return super().eof_received
+
+        def data_received(self, data: bytes) -> None:
+            self.fail_lookup = True
+            super().data_received(data)
+
+    protocol = LookupFails()
+
+    async def body(client):
+        await client.sendall(b"ping")
+        assert await receive_exactly(client, 4) == b"ping"
+        await client.shutdown_write()
+        return await receive_until_eof(client)
+
+    assert run(served, protocol, body) == b""
+    lost = protocol.events[-1]
+    assert lost[0] == "lost" and isinstance(lost[1], RuntimeError), protocol.events
+    assert [type(error) for error in reported] == [RuntimeError]
+
+
 def test_write_after_close_is_an_error_and_get_extra_info_names_the_peer(run):
     protocol = Recorder(echo=False)
 

@@ -80,28 +80,32 @@ async def _placeholder() -> None:
 
 class HandlerTasks:
     """A server's handler tasks (the handlers that waited), from their start until they finish: ``all_finished()``
-    waits for them. The runtime tells it of each end, as it tells a task group (``_child_finished``); but a handler
-    that fails is logged, and nothing else is cancelled: each request is on its own."""
+    waits for them, and each counts in its ``Shutdown`` meanwhile, so that the stop's grace is theirs too, even once
+    their connection is gone. The runtime tells it of each end, as it tells a task group (``_child_finished``); but
+    a handler that fails is logged, and nothing else is cancelled: each request is on its own."""
 
     __slots__ = ("running", "_none_running")
 
     def __init__(self) -> None:
-        self.running: set = set()
+        self.running: dict = {}  # task -> the Shutdown it counts in
         self._none_running = Event()
         self._none_running.set()
 
-    def started(self, task) -> None:
+    def started(self, task, shutdown) -> None:
+        shutdown._task_started()
         with LOCK:
-            self.running.add(task)
+            self.running[task] = shutdown
             self._none_running.clear()
 
     def _child_finished(self, task, error: BaseException | None) -> None:
         # Under LOCK, from the finishing task's thread (drivers.py).
-        self.running.discard(task)
+        shutdown = self.running.pop(task, None)
         if error is not None and not isinstance(error, Cancelled):
             log.error("a request's task failed", exc_info=error)
         if not self.running:
             self._none_running.set()
+        if shutdown is not None:
+            shutdown._task_finished()
 
     async def all_finished(self) -> None:
         await self._none_running.wait()
@@ -361,7 +365,7 @@ class HttpConnection:
         thread driver the task's thread yields it first."""
         self.task = task
         task.coro = coro
-        self.server.handlers.started(task)
+        self.server.handlers.started(task, self.shutdown)
         runtime = task.runtime
         if trap is not None and isinstance(runtime, LoopDriver):
             previous = current_task()
@@ -404,7 +408,8 @@ class HttpConnection:
         if isinstance(error, Cancelled):
             self._abandon()
             return None
-        if not isinstance(error, Exception):
+        if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: not ours to answer, but not left open
+            self._abandon()
             raise error
         log.error("the handler of %s %s failed", request.method, request.path, exc_info=error)
         return Response.from_error(HttpError(500, "the handler failed")), True
@@ -461,6 +466,9 @@ class HttpConnection:
             log.error("the body of the response to %s %s failed", request.method, request.path, exc_info=error)
             self._abandon()  # closing without the last chunk (or short of Content-Length) tells the client
             return
+        except BaseException:
+            self._abandon()
+            raise
         finally:
             if self.task is current_task():
                 self.task = None

@@ -71,8 +71,10 @@ class Service(Protocol):
       for a service that bounds what it queues per client and must not have the kernel queue megabytes more.
     * ``attach_connection(stream, shutdown, connections, scope)`` (default: none): on epoll and uring, called from the
       accept loop instead of a task running ``handle_connection``, for a service that hands its connections to the
-      engine as protocols (``iokit.protocols.attach`` into ``connections``; tasks it starts go in ``scope``). It
-      spends no task on a connection; ``HttpServer`` has it.
+      engine as protocols (``iokit.protocols.attach`` into ``connections``). It spends no task on a connection;
+      ``HttpServer`` has it. Tasks it starts go in ``scope``, which is cancelled once the grace is over; nothing in
+      ``serve`` waits for them, so the service's ``lifespan`` must (``HttpServer``'s does), and a task counted in the
+      ``Shutdown`` meanwhile (``_task_started``/``_task_finished``) gets the grace as a connection does.
     """
 
     max_connections: int
