@@ -120,25 +120,23 @@ class Shutdown:
         return self._open_connections
 
     def _opened(self) -> None:
-        with self._lock:
-            self._open_connections += 1
+        self._count(connections=1)
 
     def _closed(self) -> None:
-        with self._lock:
-            self._open_connections -= 1
-            all_closed = self._all_closed_now()
-        if all_closed:
-            self._all_closed.set()
+        self._count(connections=-1)
 
     def _task_started(self) -> None:
-        with self._lock:
-            self._running_tasks += 1
+        self._count(tasks=1)
 
     def _task_finished(self) -> None:
-        # Called under the runtime's LOCK (a task's end): the Event, which takes LOCK, is set outside our lock, so
+        self._count(tasks=-1)
+
+    def _count(self, connections: int = 0, tasks: int = 0) -> None:
+        # A task's end calls this under the runtime's LOCK: the Event, which takes LOCK, is set outside our lock, so
         # the two locks are only ever taken in that order.
         with self._lock:
-            self._running_tasks -= 1
+            self._open_connections += connections
+            self._running_tasks += tasks
             all_closed = self._all_closed_now()
         if all_closed:
             self._all_closed.set()
