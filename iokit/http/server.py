@@ -214,6 +214,7 @@ class HttpServer:
             shutdown.on_stop(self._stop_idle_connections)
 
     def _stop_idle_connections(self) -> None:
+        self._timers.hurry()
         for connection in list(self._timers.connections):
             connection.stop_if_idle()
 
