@@ -474,6 +474,7 @@ def build_api_app(stop, record: dict) -> App:
 
     @app.route("GET", "/finish-after-leaving")
     async def finish_after_leaving(request):
+        record["started"] = True
         await request.wait_disconnected()
         if request.query.get("shield"):
             with iokit.CancelScope(shield=True):  # work that must end even when the server stops (a commit, say)
@@ -642,12 +643,12 @@ def test_held_requests_on_the_engine_cost_no_task_per_connection(api_server):
             connection.close()
 
 
-def leave_with_a_reset(address, target: bytes) -> None:
-    """Send a request, then reset the connection (SO_LINGER 0): gone at once, unlike a FIN, which leaves it half-open
-    until the server answers."""
-    connection = socket.create_connection(address, timeout=5)
+def leave_with_a_reset(server, target: bytes) -> None:
+    """Send a request, wait for its handler to start, then reset the connection (SO_LINGER 0): gone at once, unlike
+    a FIN, which leaves it half-open until the server answers."""
+    connection = socket.create_connection(server.address, timeout=5)
     connection.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
-    time.sleep(0.2)
+    assert wait_until(lambda: server.record.get("started"), timeout=10)
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     connection.close()
     time.sleep(0.05)  # the connection is gone; its handler goes on
@@ -657,14 +658,14 @@ def test_the_stop_gives_its_grace_to_a_handler_whose_client_has_left(backend_nam
     # Before: on epoll and uring the stop counted only connections, so a handler whose client had reset was
     # cancelled at once (blocking and threads gave it the grace).
     server = InProcessServer(backend_name, grace=2.0)
-    leave_with_a_reset(server.address, b"/finish-after-leaving")
+    leave_with_a_reset(server, b"/finish-after-leaving")
     server.stop()
     assert server.record.get("finished after leaving") is True
 
 
 def test_the_stop_waits_for_a_shielded_handler_past_its_grace(backend_name):
     server = InProcessServer(backend_name, grace=0.1)
-    leave_with_a_reset(server.address, b"/finish-after-leaving?shield=1")
+    leave_with_a_reset(server, b"/finish-after-leaving?shield=1")
     server.stop()
     # serve_listener returned (the thread ended) only after that handler had, although the grace had ended.
     assert server.record.get("finished after leaving") is True
